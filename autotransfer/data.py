@@ -1,0 +1,243 @@
+"""Data sets: a folder of class folders, a CSV of `path,label`, or an embedded set, split train/val/test.
+
+Everything is decoded once into a uint8 tensor at the backbone's input size, so the activation cache and
+every trial see exactly the same pixels, and the fingerprint of those pixels keys the cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from autotransfer.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageData:
+    """Decoded images with labels and a fixed train/val/test split."""
+
+    name: str  # data set name shown in reports, e.g. "digits" or a folder name
+    images: torch.Tensor  # uint8 [N, 3, S, S], RGB, already resized and centre-cropped
+    labels: torch.Tensor  # int64 [N]
+    classes: tuple[str, ...]
+    split: dict[str, torch.Tensor] = field(repr=False)  # "train"/"val"/"test" -> index tensor
+    fingerprint: str  # digest of pixels, labels and split: part of every cache key
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def subset(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.split[split]
+        return self.images[idx], self.labels[idx]
+
+
+# --- embedded data sets -----------------------------------------------------------------------------
+
+
+def _digits() -> tuple[list[Image.Image], list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = [Image.fromarray((img * (255.0 / 16.0)).round().astype(np.uint8), mode="L") for img in d.images]
+    return images, [str(t) for t in d.target]
+
+
+EMBEDDED: dict[str, tuple[Callable[[], tuple[list[Image.Image], list[str]]], int, str]] = {
+    # name -> (loader, default image size, description)
+    "digits": (_digits, 64, "sklearn handwritten digits: 1,797 8x8 grayscale images, 10 classes"),
+}
+
+
+# --- decoding ---------------------------------------------------------------------------------------
+
+
+def to_rgb_square(img: Image.Image, size: int) -> np.ndarray:
+    """Grayscale/RGBA -> RGB, resize the shorter side to `size`, centre-crop to `size` x `size`."""
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def _decode(item: str | Image.Image, size: int) -> np.ndarray | None:
+    if isinstance(item, Image.Image):
+        return to_rgb_square(item, size)
+    try:
+        with Image.open(item) as img:
+            return to_rgb_square(img, size)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        logger.warning("Skipping unreadable image %s (%s)", item, type(e).__name__)
+        return None
+
+
+def _median_short_side(paths: Sequence[str], sample: int = 64) -> int:
+    sides = []
+    for p in paths[:: max(1, len(paths) // sample)]:
+        try:
+            with Image.open(p) as img:
+                sides.append(min(img.size))
+        except (UnidentifiedImageError, OSError):
+            continue
+    return int(np.median(sides)) if sides else 224
+
+
+def default_image_size(items: Sequence[str | Image.Image]) -> int:
+    """224 for photos; smaller images are not blown up past the next multiple of 32 of their size."""
+    paths = [p for p in items if isinstance(p, str)]
+    side = _median_short_side(paths) if paths else 224
+    return int(min(224, max(32, 32 * int(np.ceil(side / 32)))))
+
+
+# --- sources ----------------------------------------------------------------------------------------
+
+
+def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
+    items, labels = [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        items += [str(f) for f in files]
+        labels += [class_dir.name] * len(files)
+    return items, labels
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
+            raise DataError(
+                f"CSV {str(path)!r} must have a header with columns 'path' and 'label', got "
+                f"{reader.fieldnames}; write one row per image as `path,label`."
+            )
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    items, labels = [], []
+    for i, row in enumerate(rows, start=2):
+        p = Path(row["path"])
+        p = p if p.is_absolute() else path.parent / p
+        if not p.is_file():
+            raise DataError(f"CSV {str(path)!r} line {i}: image {row['path']!r} not found (paths are relative "
+                            "to the CSV's folder); fix the path or remove the row.")
+        items.append(str(p))
+        labels.append(row["label"])
+    return items, labels
+
+
+def _stratified_split(labels: np.ndarray, classes: Sequence[str], fractions: tuple[float, float, float],
+                      seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 3:
+            raise DataError(f"Class {name!r} has {len(idx)} image(s); a train/val/test split needs at least 3 "
+                            "per class. Add images to it or remove the class.")
+        idx = rng.permutation(idx)
+        n_val = max(1, round(len(idx) * fractions[1]))
+        n_test = max(1, round(len(idx) * fractions[2]))
+        parts["val"].append(idx[:n_val])
+        parts["test"].append(idx[n_val:n_val + n_test])
+        parts["train"].append(idx[n_val + n_test:])
+    return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
+
+
+def _check_classes(source: str, labels: Sequence[str]) -> tuple[str, ...]:
+    classes = tuple(sorted(set(labels)))
+    if len(labels) == 0:
+        raise DataError(f"No images found in {source!r}; expected class folders (DATA/<class>/*.png) or a CSV "
+                        f"of path,label. Supported files: {', '.join(IMAGE_SUFFIXES)}.")
+    if len(classes) < 2:
+        raise DataError(f"Found {len(classes)} class in {source!r}; need at least 2 "
+                        "(layout: DATA/<class>/<image>.png). Add a folder per class.")
+    return classes
+
+
+def _fingerprint(images: torch.Tensor, labels: torch.Tensor, split: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(images.numpy().tobytes())
+    h.update(labels.numpy().tobytes())
+    for s in SPLITS:
+        h.update(split[s].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_data(source: str = "digits", *, image_size: int | None = None, seed: int = 0,
+              fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)) -> ImageData:
+    """Load a data set by embedded name, folder or CSV, decode it and split it.
+
+    A folder that already holds `train/`, `val/` (and optionally `test/`) keeps that split; otherwise a
+    stratified split with `fractions` and `seed` is drawn.
+    """
+    if image_size is not None and not 16 <= image_size <= 1024:
+        raise DataError(f"--image-size must be between 16 and 1024 pixels, got {image_size}.")
+    given_split: list[str] | None = None
+    if source in EMBEDDED:
+        loader, size, _ = EMBEDDED[source]
+        items, names = loader()
+        name, image_size = source, image_size or size
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise DataError(f"Data {source!r} is neither a folder, a CSV file nor an embedded data set "
+                            f"({', '.join(EMBEDDED)}); check the path or run `autotransfer datasets`.")
+        name = path.stem if path.is_file() else path.name
+        if path.is_file():
+            if path.suffix.lower() != ".csv":
+                raise DataError(f"Data file {source!r} is not a .csv; pass a folder of class folders or a CSV "
+                                "with columns path,label.")
+            items, names = _read_csv(path)
+        elif (path / "train").is_dir() and (path / "val").is_dir():
+            items, names, given_split = [], [], []
+            for s in SPLITS:
+                if (path / s).is_dir():
+                    i, n = _scan_class_folders(path / s)
+                    items, names, given_split = items + i, names + n, given_split + [s] * len(i)
+        else:
+            items, names = _scan_class_folders(path)
+        _check_classes(source, names)
+        image_size = image_size or default_image_size(items)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        decoded = list(pool.map(lambda it: _decode(it, image_size), items))
+    keep = [i for i, d in enumerate(decoded) if d is not None]
+    lost = sorted(set(names) - {names[i] for i in keep})
+    if lost:
+        raise DataError(f"Class {lost[0]!r} in {source!r} has no readable image left (all failed to decode); "
+                        "replace its corrupt files or remove the class.")
+    names = [names[i] for i in keep]
+    classes = _check_classes(source, names)
+    images = torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
+    label_ids = np.array([classes.index(n) for n in names], dtype=np.int64)
+
+    if given_split is not None:
+        splits = [given_split[i] for i in keep]
+        idx = {s: np.flatnonzero(np.array(splits) == s) for s in SPLITS}
+        if len(idx["test"]) == 0:  # no test folder: carve one out of train
+            inner = _stratified_split(label_ids[idx["train"]], classes, (0.85, 0.0, 0.15), seed)
+            idx["test"], idx["train"] = idx["train"][inner["test"]], idx["train"][np.concatenate(
+                [inner["train"], inner["val"]])]
+    else:
+        idx = _stratified_split(label_ids, classes, fractions, seed)
+    split = {s: torch.from_numpy(np.sort(idx[s])) for s in SPLITS}
+    labels = torch.from_numpy(label_ids)
+    return ImageData(name=name, images=images, labels=labels, classes=classes, split=split,
+                     fingerprint=_fingerprint(images, labels, split))

@@ -1,0 +1,88 @@
+"""Trained model -> self-describing ONNX file, verified against PyTorch with onnxruntime.
+
+Input `input`: float32 [batch, 3, S, S], RGB scaled to 0..1 then normalised with the `mean`/`std` in the
+metadata. Output `logits`: float32 [batch, classes]; softmax is left to the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from autotransfer.errors import ExportError
+
+logger = logging.getLogger(__name__)
+PARITY_ATOL = 1e-3  # max abs logit difference onnxruntime vs PyTorch (fp32, CPU) before export fails
+
+
+def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata: dict[str, Any]) -> Path:
+    """Export with a dynamic batch axis; every metadata value is stored as JSON text in metadata_props."""
+    model = model.cpu().eval()
+    example = torch.zeros(2, 3, image_size, image_size)  # batch >= 2: torch.export specialises size-1 dims
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (example,), input_names=["input"], output_names=["logits"],
+                                    dynamic_shapes=({0: "batch"},), dynamo=True, verbose=False)
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
+    proto.doc_string = "autotransfer model: input float32 [batch,3,H,W] normalised RGB; output logits."
+    onnx.checker.check_model(proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save_model(proto, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def read_metadata(session) -> dict[str, Any]:
+    """metadata_props of an onnxruntime session, JSON-decoded."""
+    raw = session.get_modelmeta().custom_metadata_map
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def cpu_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor, *,
+           batch_size: int = 64, atol: float = PARITY_ATOL) -> dict[str, float]:
+    """Run `x` through PyTorch and onnxruntime in batches of two sizes; return diff and ORT accuracy.
+
+    Raises ExportError when any logit differs by more than `atol`.
+    """
+    session = cpu_session(path)
+    model = model.cpu().eval()
+    max_diff, correct, agree = 0.0, 0, 0
+    sizes = [batch_size, 1] if len(x) > batch_size else [max(1, len(x) - 1), 1]
+    i, turn = 0, 0
+    while i < len(x):
+        n = sizes[turn % 2]
+        xb = x[i:i + n]
+        with torch.no_grad():
+            ref = model(xb).numpy()
+        got = session.run(["logits"], {"input": xb.numpy()})[0]
+        max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        correct += int((got.argmax(1) == y[i:i + n].numpy()).sum())
+        agree += int((got.argmax(1) == ref.argmax(1)).sum())
+        i, turn = i + n, turn + 1
+    if max_diff > atol:
+        raise ExportError(f"ONNX model {str(path)!r} differs from PyTorch by {max_diff:.2e} (> {atol:.0e}) in its "
+                          "logits; rerun with --debug and report the backbone and strategy.")
+    return {"onnx_max_abs_diff": max_diff, "test_accuracy": correct / len(x), "top1_agreement": agree / len(x)}

@@ -1,0 +1,162 @@
+"""The Optuna study: storage, sampler, pruner, budget, and the glue from trial to trainer.
+
+The budget counts finished (complete or pruned) trials of the *study*, not of this process, so rerunning
+the same command resumes it and stops at the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from autotransfer.backbones import Backbone
+from autotransfer.errors import ConfigError
+from autotransfer.features import ActivationCache
+from autotransfer.model import TransferModel, build_model
+from autotransfer.strategy import SearchSpace, Strategy, default_strategies, enqueue_params, suggest_strategy
+from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
+
+logger = logging.getLogger(__name__)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    study_name: str
+    storage: str  # any Optuna storage URL
+    out: Path  # output folder: checkpoints, leaderboards, best/
+    budget: int = 50  # finished trials in the study
+    seed: int = 0
+    max_epochs: int = 6
+    timeout: float | None = None  # seconds for this process
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def open_study(config: StudyConfig, *, backbone: Backbone | None = None, data_fingerprint: str | None = None,
+               create: bool = True) -> optuna.Study:
+    """Create or load the study; refuse to mix data sets or backbones under one name."""
+    with warnings.catch_warnings():  # multivariate/group/constant_liar are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
+                                             n_startup_trials=max(5, config.budget // 5))
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    try:
+        study = optuna.create_study(study_name=config.study_name, storage=config.storage, direction="maximize",
+                                    sampler=sampler, pruner=pruner, load_if_exists=create)
+    except KeyError:
+        raise ConfigError(f"No study named {config.study_name!r} in storage {config.storage!r}; check "
+                          "--study-name and --storage, or run `autotransfer search` first.") from None
+    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as e:
+        raise ConfigError(f"Storage URL {config.storage!r} cannot be opened ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}); pass an Optuna storage URL such as "
+                          "sqlite:///study.db or postgresql://user:pass@host/db.") from None
+    if backbone is not None and data_fingerprint is not None:
+        identity = {"backbone": backbone.name, "weights": backbone.weights_id, "data": data_fingerprint}
+        stored = {k: study.user_attrs.get(k) for k in identity}
+        if all(v is None for v in stored.values()):
+            for k, v in identity.items():
+                study.set_user_attr(k, v)
+        elif stored != identity:
+            diff = ", ".join(f"{k} {stored[k]!r} (now {identity[k]!r})" for k in identity if stored[k] != identity[k])
+            raise ConfigError(f"Study {config.study_name!r} was made with a different {diff}; pass a new "
+                              "--study-name, or the same data, backbone and weights to continue it.")
+    return study
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _checkpoint_path(out: Path, number: int) -> Path:
+    return out / CHECKPOINTS / f"trial_{number}.pt"
+
+
+def save_checkpoint(out: Path, number: int, result: TrialResult, strategy: Strategy) -> None:
+    """Keep the weights of the best trial so far (and only those) for export."""
+    folder = out / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".trial_{number}.pt.tmp"
+    torch.save({"strategy": strategy.to_dict(), "state_dict": result.model.state_dict()}, tmp)
+    tmp.replace(_checkpoint_path(out, number))
+    for old in folder.glob("trial_*.pt"):
+        if old.name != f"trial_{number}.pt":
+            old.unlink(missing_ok=True)
+
+
+def load_trial_model(study: optuna.Study, number: int, backbone: Backbone, cache: ActivationCache,
+                     out: Path) -> tuple[TransferModel, bool]:
+    """The trained model of trial `number`: from its checkpoint, or retrained from its stored strategy.
+
+    Returns (model, retrained). Retraining is exact: same strategy, same seed, same cached inputs.
+    """
+    strategy = Strategy.from_dict(study.trials[number].user_attrs["strategy"])
+    path = _checkpoint_path(out, number)
+    if path.is_file():
+        model = build_model(strategy, backbone, len(cache.data.classes))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+        return model.eval(), False
+    return train_trial(strategy, backbone, cache).model, True
+
+
+def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *,
+              on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
+    """Run trials until the study has `budget` finished trials (or `timeout` passes)."""
+    study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
+    space = SearchSpace(num_groups=backbone.num_groups, max_epochs=config.max_epochs, seed=config.seed)
+    if not study.trials:
+        for s in default_strategies(space):
+            study.enqueue_trial(enqueue_params(s), user_attrs={"enqueued": "default"})
+    best = [max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)]
+
+    def objective(trial: optuna.Trial) -> float:
+        started = time.perf_counter()
+        try:
+            return _train(trial)
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+
+    def _train(trial: optuna.Trial) -> float:
+        strategy = suggest_strategy(trial, space)
+        trial.set_user_attr("strategy", strategy.to_dict())
+
+        def report(epoch: int, value: float) -> None:
+            trial.set_user_attr("epochs_run", epoch + 1)
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val accuracy {value:.4f} after epoch {epoch + 1}")
+
+        try:
+            result = train_trial(strategy, backbone, cache, report=report)
+        except TrainingDiverged as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        if result.val_accuracy > best[0]:
+            best[0] = result.val_accuracy
+            save_checkpoint(config.out, trial.number, result, strategy)
+        return result.val_accuracy
+
+    def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if on_trial is not None:
+            on_trial(study, trial)
+        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        if finished_trials(study) >= config.budget or failed >= config.budget:
+            study.stop()
+
+    remaining = config.budget - finished_trials(study)
+    if remaining > 0:
+        study.optimize(objective, n_trials=None, timeout=config.timeout, callbacks=[stop_at_budget],
+                       catch=(RuntimeError, MemoryError, FloatingPointError), gc_after_trial=False)
+    return study
