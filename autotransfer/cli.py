@@ -102,8 +102,8 @@ def _run_search(config, backbone, cache) -> int:
 
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, write_leaderboard
-    from autotransfer.study import FINISHED, finished_trials, open_study, run_study
     from autotransfer.strategy import Strategy
+    from autotransfer.study import FINISHED, finished_trials, open_study, run_study
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     data = cache.data
@@ -203,8 +203,8 @@ _COMMANDS: dict[str, type[_Command]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="autotransfer", description="Search how to transfer a pretrained CNN to your images; ship the winner as ONNX.")
+    description = "Search how to transfer a pretrained CNN to your images; ship the winner as ONNX."
+    parser = argparse.ArgumentParser(prog="autotransfer", description=description)
     parser.add_argument("--version", action="version", version=f"autotransfer {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -66,7 +66,7 @@ def predict(model_path: str | Path, paths: Sequence[str | Path], *, batch_size: 
         logits = session.run(["logits"], {"input": load_images(chunk, size, meta["mean"], meta["std"])})[0]
         e = np.exp(logits - logits.max(1, keepdims=True))
         probs = e / e.sum(1, keepdims=True)
-        for p, row in zip(chunk, probs):
+        for p, row in zip(chunk, probs, strict=True):
             k = int(row.argmax())
             results.append({"path": str(p), "class": classes[k], "probability": float(row[k])})
     return results

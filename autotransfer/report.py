@@ -25,7 +25,7 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
             continue
         value = t.value if t.value is not None else (
             t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        note = t.user_attrs.get("fail_reason") or t.system_attrs.get("fail_reason") or ""
+        note = t.user_attrs.get("fail_reason") or ""
         rows.append({"trial": t.number, "state": t.state.name.lower(), "val_accuracy": value,
                      **t.user_attrs.get("strategy", {}), "epochs_run": t.user_attrs.get("epochs_run"),
                      "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""})

@@ -88,7 +88,7 @@ class Strategy:
         else:
             first = group_names[self.freeze] if group_names else f"group {self.freeze + 1}"
             body = (f"fine-tune {first}..{where} ({self.optimizer}, lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
-                    f"{', L2-SP %.2g' % self.l2sp_alpha if self.l2sp_alpha else ''}, {self.epochs} epochs)")
+                    f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}, {self.epochs} epochs)")
         return f"{self.head} head on {where} ({self.pool} pool), {body}"
 
 

@@ -28,6 +28,8 @@ from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CHECKPOINTS = "checkpoints"
+# Errors that fail one trial (out-of-memory and other torch runtime errors); anything else is a bug and stops.
+_TRIAL_ERRORS = (RuntimeError, MemoryError, FloatingPointError)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,7 +61,7 @@ def open_study(config: StudyConfig, *, backbone: Backbone | None = None, data_fi
     except KeyError:
         raise ConfigError(f"No study named {config.study_name!r} in storage {config.storage!r}; check "
                           "--study-name and --storage, or run `autotransfer search` first.") from None
-    except (ImportError, ValueError, optuna.exceptions.StorageInternalError) as e:
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
         raise ConfigError(f"Storage URL {config.storage!r} cannot be opened ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]}); pass an Optuna storage URL such as "
                           "sqlite:///study.db or postgresql://user:pass@host/db.") from None
@@ -125,6 +127,9 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         started = time.perf_counter()
         try:
             return _train(trial)
+        except _TRIAL_ERRORS as e:  # fails this trial alone (see `catch`)
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
 
@@ -158,5 +163,5 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
     remaining = config.budget - finished_trials(study)
     if remaining > 0:
         study.optimize(objective, n_trials=None, timeout=config.timeout, callbacks=[stop_at_budget],
-                       catch=(RuntimeError, MemoryError, FloatingPointError), gc_after_trial=False)
+                       catch=_TRIAL_ERRORS, gc_after_trial=False)
     return study

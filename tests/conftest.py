@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny 3-group CNN registered as a backbone, and digits at 16 px, so tests run in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autotransfer.backbones import _REGISTRY, Backbone, register_backbone
+from autotransfer.data import load_data
+from autotransfer.features import ActivationCache
+
+TINY = "tiny_test_cnn"
+
+
+def _block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+def tiny_backbone(weights: str | None = None) -> Backbone:
+    torch.manual_seed(0)
+    groups = nn.ModuleList([_block(3, 8, 2), _block(8, 16, 2), _block(16, 24, 1)])
+    if weights not in (None, "random"):
+        groups.load_state_dict(torch.load(weights, weights_only=True))
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics, like a pretrained net
+        for g in groups:
+            g[1].running_mean.uniform_(-0.1, 0.1)
+            g[1].running_var.uniform_(0.5, 1.5)
+    return Backbone(name=TINY, groups=groups, group_names=("g1", "g2", "g3"), channels=(8, 16, 24),
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), weights_id="tiny-seed0")
+
+
+if TINY not in _REGISTRY:
+    register_backbone(TINY, weights_source="test fixture", num_groups=3)(tiny_backbone)
+
+
+@pytest.fixture(scope="session")
+def digits16():
+    return load_data("digits", image_size=16, seed=0)
+
+
+@pytest.fixture()
+def tiny():
+    return tiny_backbone()
+
+
+@pytest.fixture()
+def tiny_cache(tiny, digits16):
+    return ActivationCache(tiny, digits16)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fast tests first, the end-to-end suite (real Lite0 weights) after them."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is not None)

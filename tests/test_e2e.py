@@ -1,0 +1,59 @@
+"""The product as a user runs it: the real CLI, real EfficientNet-Lite0 weights, digits, onnxruntime."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from autotransfer.data import load_data
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "digits"
+    proc = subprocess.run([sys.executable, "-m", "autotransfer", "search", "--budget", "10", "--out", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc.stdout
+
+
+def test_default_search_exports_a_model_above_97_percent(search_run):
+    out, stdout = search_run
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] >= 0.97, metrics
+    assert metrics["onnx_max_abs_diff"] <= 1e-3
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert len(board[board.state.isin(["complete", "pruned"])]) == 10
+    assert board.iloc[0].val_accuracy >= board[board.trial == 0].val_accuracy.iloc[0], "never worse than trial 0"
+    assert "Top 10 strategies" in stdout and "best: trial" in stdout
+
+
+def test_rerun_continues_the_study_to_the_new_budget(search_run):
+    out, _ = search_run
+    proc = subprocess.run([sys.executable, "-m", "autotransfer", "search", "--budget", "11", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    board = pd.read_csv(out / "leaderboard.csv")
+    assert sorted(board.trial) == list(range(len(board))) and len(board[board.state != "fail"]) == 11
+
+
+def test_predict_cli_on_exported_model(search_run, tmp_path):
+    out, _ = search_run
+    data = load_data("digits", image_size=8)  # the raw 8x8 digits, upscaled by predict as in training
+    x, y = data.subset("test")
+    paths = []
+    for i in range(30):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(x[i, 0].numpy()).save(p)
+        paths.append(str(p))
+    proc = subprocess.run([sys.executable, "-m", "autotransfer", "predict", str(out / "best" / "model.onnx"),
+                           *paths, "--format", "csv"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = pd.read_csv(__import__("io").StringIO(proc.stdout))
+    hits = (rows["class"].astype(str).values == [str(int(v)) for v in y[:30]]).mean()
+    assert hits >= 0.9

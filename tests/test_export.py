@@ -1,0 +1,50 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from autotransfer.errors import ExportError
+from autotransfer.export import cpu_session, export_onnx, read_metadata, verify
+from autotransfer.features import normalise
+from autotransfer.model import build_model
+from autotransfer.strategy import Strategy
+
+
+@pytest.mark.parametrize("head", ["linear", "svm", "mlp"])
+def test_each_head_exports_with_parity_and_dynamic_batch(head, tiny, digits16, tmp_path):
+    s = Strategy(tap=3, freeze=1, head=head, mlp_hidden=32 if head == "mlp" else 0, dropout=0.3, epochs=2)
+    model = build_model(s, tiny, 10).eval()
+    with torch.no_grad():  # non-trivial head statistics
+        model.head[0].running_mean.uniform_(-1, 1)
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=16, metadata={"class_names": list("0123456789")})
+    proto = onnx.load(str(path))
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param and not dim.dim_value, "batch axis must be symbolic"
+    session = cpu_session(path)
+    for n in (1, 7):
+        x = normalise(digits16.images[:n], tiny.mean, tiny.std)
+        got = session.run(["logits"], {"input": x.numpy()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(x).numpy(), atol=1e-4, rtol=0)
+    assert read_metadata(session)["class_names"] == list("0123456789")
+
+
+def test_verify_reports_parity_and_accuracy(tiny, digits16, tmp_path):
+    model = build_model(Strategy(tap=2, freeze=2), tiny, 10).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=16, metadata={})
+    x, y = digits16.subset("test")
+    out = verify(model, path, normalise(x, tiny.mean, tiny.std), y)
+    assert out["onnx_max_abs_diff"] < 1e-4 and out["top1_agreement"] == 1.0
+    with torch.no_grad():
+        expected = (model(normalise(x, tiny.mean, tiny.std)).argmax(1) == y).float().mean().item()
+    assert out["test_accuracy"] == pytest.approx(expected)
+
+
+def test_verify_fails_loudly_when_onnx_and_torch_disagree(tiny, digits16, tmp_path):
+    model = build_model(Strategy(tap=2, freeze=2), tiny, 10).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=16, metadata={})
+    with torch.no_grad():
+        model.head[-1].bias.add_(0.01)
+    x, y = digits16.subset("test")
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        verify(model, path, normalise(x, tiny.mean, tiny.std), y)

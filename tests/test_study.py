@@ -1,0 +1,75 @@
+import optuna
+import pytest
+
+from autotransfer.data import load_data
+from autotransfer.errors import ConfigError
+from autotransfer.features import ActivationCache
+from autotransfer.report import COLUMNS, leaderboard
+from autotransfer.strategy import SearchSpace, Strategy, default_strategies
+from autotransfer.study import StudyConfig, default_storage, finished_trials, open_study, run_study
+
+
+def _config(tmp_path, budget, **kw):
+    return StudyConfig(study_name="t", storage=default_storage(tmp_path), out=tmp_path, budget=budget,
+                       max_epochs=2, **kw)
+
+
+def test_study_runs_exactly_the_budget_then_resumes(tmp_path, tiny, tiny_cache):
+    study = run_study(_config(tmp_path, 5), tiny, tiny_cache)
+    assert finished_trials(study) == 5
+    first = Strategy.from_dict(study.trials[0].user_attrs["strategy"])
+    assert first == default_strategies(SearchSpace(num_groups=3, max_epochs=2))[0]
+    assert all(t.intermediate_values for t in study.trials), "every trial reports per-epoch accuracy"
+
+    again = run_study(_config(tmp_path, 5), tiny, tiny_cache)
+    assert len(again.trials) == 5, "a finished study runs nothing more"
+    more = run_study(_config(tmp_path, 7), tiny, tiny_cache)
+    assert finished_trials(more) == 7 and [t.number for t in more.trials] == list(range(7))
+    assert list((tmp_path / "checkpoints").glob("*.pt")) == [tmp_path / "checkpoints" /
+                                                            f"trial_{more.best_trial.number}.pt"]
+
+
+def test_same_name_with_other_data_is_refused(tmp_path, tiny, tiny_cache):
+    run_study(_config(tmp_path, 1), tiny, tiny_cache)
+    other = ActivationCache(tiny, load_data("digits", image_size=16, seed=3))
+    with pytest.raises(ConfigError, match="different data"):
+        run_study(_config(tmp_path, 2), tiny, other)
+
+
+def test_bad_storage_url_is_a_config_error(tmp_path):
+    config = StudyConfig(study_name="t", storage="notadb://x", out=tmp_path)
+    with pytest.raises(ConfigError, match="cannot be opened"):
+        open_study(config)
+
+
+def test_a_failing_trial_does_not_stop_the_study(tmp_path, tiny, tiny_cache, monkeypatch):
+    import autotransfer.study as study_module
+
+    real = study_module.train_trial
+    calls = []
+
+    def flaky(strategy, *args, **kwargs):
+        calls.append(strategy)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(strategy, *args, **kwargs)
+
+    monkeypatch.setattr(study_module, "train_trial", flaky)
+    study = run_study(_config(tmp_path, 3), tiny, tiny_cache)
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and finished_trials(study) == 3
+    board = leaderboard(study)
+    assert list(board.columns) == COLUMNS
+    failed = board[board.state == "fail"]
+    assert len(failed) == 1 and "out of memory" in failed.iloc[0]["note"]
+
+
+def test_leaderboard_is_sorted_and_ranks_only_complete_trials(tmp_path, tiny, tiny_cache):
+    study = run_study(_config(tmp_path, 6), tiny, tiny_cache)
+    board = leaderboard(study)
+    assert len(board) == 6 and list(board.columns) == COLUMNS
+    complete = board[board.state == "complete"]
+    assert complete.val_accuracy.is_monotonic_decreasing
+    assert list(complete["rank"]) == list(range(1, len(complete) + 1))
+    assert board[board.state != "complete"]["rank"].isna().all()
+    assert board.iloc[0].trial == study.best_trial.number

@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from autotransfer.features import ActivationCache, normalise
+from autotransfer.model import build_model
+from autotransfer.strategy import Strategy
+from autotransfer.trainer import TrainingDiverged, l2sp_penalty, param_groups, train_trial
+
+FINE_TUNE = dict(tap=3, freeze=1, head="linear", lr=0.05, lr_ratio=0.1, epochs=2, bn="train", batch_size=64)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_frozen_groups_are_bit_identical_after_a_trial(tiny, tiny_cache):
+    before = _state(tiny.groups)
+    result = train_trial(Strategy(**FINE_TUNE), tiny, tiny_cache)
+    after = result.model.groups.state_dict()
+    frozen = [k for k in before if k.startswith("0.")]
+    trained = [k for k in before if k.startswith(("1.", "2.")) and "num_batches" not in k]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen), "weights and BN stats of group 1"
+    assert any(not torch.equal(before[k], after[k]) for k in trained), "the trainable groups must move"
+    assert all(torch.equal(before[k], v) for k, v in tiny.groups.state_dict().items()), "the backbone is not touched"
+
+
+def test_bn_frozen_mode_keeps_running_stats_of_trainable_groups(tiny, tiny_cache):
+    result = train_trial(Strategy(**{**FINE_TUNE, "bn": "frozen"}), tiny, tiny_cache)
+    for i in (1, 2):
+        assert torch.equal(result.model.groups[i][1].running_mean, tiny.groups[i][1].running_mean)
+        assert not torch.equal(result.model.groups[i][0].weight, tiny.groups[i][0].weight)
+
+
+def test_discriminative_lrs_reach_the_optimizer(tiny, tiny_cache):
+    s = Strategy(tap=3, freeze=0, lr=0.1, lr_ratio=0.01, epochs=2)
+    groups = {g["name"]: g for g in param_groups(build_model(s, tiny, 10), s)}
+    assert groups["head"]["lr"] == pytest.approx(0.1)
+    assert groups["group3"]["lr"] == pytest.approx(0.1 * 0.01 ** (1 / 3))
+    assert groups["group1"]["lr"] == pytest.approx(0.001), "lowest group: 100x smaller"
+    assert groups["group1"]["lr"] < groups["group2"]["lr"] < groups["group3"]["lr"] < groups["head"]["lr"]
+    assert all(g["weight_decay"] == 0 for name, g in groups.items() if name.endswith("no_decay"))
+    frozen = Strategy(tap=3, freeze=2, lr=0.1, lr_ratio=0.1, epochs=2)
+    names = {g["name"] for g in param_groups(build_model(frozen, tiny, 10), frozen)}
+    assert not any(n.startswith(("group1", "group2")) for n in names)
+
+
+def test_l2sp_changes_the_loss_and_keeps_weights_near_pretrained(tiny, tiny_cache):
+    model = build_model(Strategy(**FINE_TUNE), tiny, 10)
+    ref = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
+    assert l2sp_penalty(model, ref, 1.0).item() == 0.0
+    with torch.no_grad():
+        model.groups[2][0].weight.add_(0.1)
+    expected = 0.5 * 0.3 * (0.1 ** 2) * model.groups[2][0].weight.numel()
+    assert l2sp_penalty(model, ref, 0.3).item() == pytest.approx(expected, rel=1e-4)
+
+    def drift(alpha):
+        r = train_trial(Strategy(**{**FINE_TUNE, "l2sp_alpha": alpha, "lr": 0.2}), tiny, tiny_cache)
+        return sum((r.model.groups[i][0].weight - tiny.groups[i][0].weight).pow(2).sum().item() for i in (1, 2))
+
+    assert drift(5.0) < drift(0.0)
+
+
+@pytest.mark.parametrize("head", ["linear", "svm", "mlp"])
+def test_every_head_learns(head, tiny, tiny_cache):
+    s = Strategy(tap=3, freeze=3, head=head, mlp_hidden=64 if head == "mlp" else 0, lr=0.05, epochs=15)
+    result = train_trial(s, tiny, tiny_cache)
+    assert result.val_accuracy > 0.5, "well above the 10 % of chance on digits"
+    assert len(result.history) == 15
+
+
+def test_cached_path_equals_full_forward(tiny, tiny_cache, digits16):
+    s = Strategy(**FINE_TUNE)
+    model = train_trial(s, tiny, tiny_cache).model
+    x = normalise(digits16.images[:50], tiny.mean, tiny.std)
+    with torch.no_grad():
+        assert torch.allclose(model(x), model.forward_from(tiny_cache.boundary(1)[:50], 1), atol=1e-5)
+
+
+def test_result_is_the_same_for_a_fresh_cache(tiny, digits16):
+    s = Strategy(**FINE_TUNE)
+    a = train_trial(s, tiny, ActivationCache(tiny, digits16)).history
+    cache = ActivationCache(tiny, digits16)
+    cache.boundary(3)  # warm every boundary first
+    assert train_trial(s, tiny, cache).history == a
+
+
+def test_report_is_called_every_epoch_and_can_stop_the_trial(tiny, tiny_cache):
+    calls = []
+
+    def report(epoch, value):
+        calls.append((epoch, value))
+        if epoch == 1:
+            raise KeyboardInterrupt  # any exception from the callback ends the trial
+
+    with pytest.raises(KeyboardInterrupt):
+        train_trial(Strategy(tap=2, freeze=2, epochs=5), tiny, tiny_cache, report=report)
+    assert [e for e, _ in calls] == [0, 1] and all(0 <= v <= 1 for _, v in calls)
+
+
+def test_nan_loss_raises_training_diverged(tiny, tiny_cache):
+    tiny_cache.boundary(2)[:] = float("nan")
+    with pytest.raises(TrainingDiverged, match="loss became nan"):
+        train_trial(Strategy(tap=2, freeze=2, epochs=2), tiny, tiny_cache)
