@@ -89,15 +89,25 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
 
 
 def _set_train_mode(model: TransferModel, strategy: Strategy, backbone_live: bool) -> None:
+    """Head in train mode; trainable groups per `strategy.bn`; frozen groups (and all groups during warm-up) eval.
+
+    With `bn == "train"` the running statistics restart every epoch as a plain average over that epoch's
+    batches: pretrained BatchNorm momentum (0.01 for the TF-ported Lite0) would otherwise leave them
+    describing the old weights, and evaluation would collapse to chance.
+    """
     model.train()
     for i in range(strategy.freeze, strategy.tap):
         group = model.groups[i]
         if not backbone_live:
             group.eval()
-        elif strategy.bn == "frozen":
-            for m in group.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            continue
+        for m in group.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if strategy.bn == "frozen":
                     m.eval()
+                else:
+                    m.reset_running_stats()
+                    m.momentum = None  # cumulative average over the epoch
 
 
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *,
