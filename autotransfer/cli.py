@@ -103,7 +103,7 @@ def _run_search(config, backbone, cache) -> int:
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, write_leaderboard
     from autotransfer.strategy import Strategy
-    from autotransfer.study import FINISHED, finished_trials, open_study, run_study
+    from autotransfer.study import FINISHED, best_trial_number, finished_trials, open_study, run_study
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     data = cache.data
@@ -122,10 +122,9 @@ def _run_search(config, backbone, cache) -> int:
         value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
         bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}  "
                   f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}")
-        try:
-            bar.set_postfix_str(f"best {study.best_value:.4f} (trial {study.best_trial.number})")
-        except ValueError:
-            pass
+        best = best_trial_number(study)
+        if best is not None:
+            bar.set_postfix_str(f"best {study.trials[best].value:.4f} (trial {best})")
 
     try:
         study = run_study(config, backbone, cache, on_trial=on_trial)

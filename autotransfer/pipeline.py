@@ -18,7 +18,7 @@ from autotransfer.export import export_onnx, verify
 from autotransfer.features import ActivationCache, normalise
 from autotransfer.report import leaderboard, write_leaderboard
 from autotransfer.strategy import Strategy
-from autotransfer.study import StudyConfig, load_trial_model
+from autotransfer.study import StudyConfig, best_trial_number, load_trial_model
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,13 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_onnx(model, tmp / "model.onnx", image_size=data.image_size, metadata=metadata)
-    x_test, y_test = data.subset("test")
-    checks = verify(model, tmp / "model.onnx", normalise(x_test, backbone.mean, backbone.std), y_test)
+    try:
+        export_onnx(model, tmp / "model.onnx", image_size=data.image_size, metadata=metadata)
+        x_test, y_test = data.subset("test")
+        checks = verify(model, tmp / "model.onnx", normalise(x_test, backbone.mean, backbone.std), y_test)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
+        raise
     metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
                "retrained": retrained, "backbone": backbone.name, "data": data.name}
     _write_json(tmp / "metrics.json", metrics)
@@ -74,9 +78,9 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
 def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache) -> ExportResult:
     """Write the leaderboard and export the best trial to `out/best/`."""
     write_leaderboard(leaderboard(study), config.out)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
+    best = best_trial_number(study)
+    if best is None:
         raise AutotransferError(f"Study {study.study_name!r} has no complete trial to export; see "
                                 f"{config.out / 'leaderboard.md'} for why trials failed.")
-    return export_trial(study, study.best_trial.number, backbone, cache, study_out=config.out,
+    return export_trial(study, best, backbone, cache, study_out=config.out,
                         dest=config.out / "best")
