@@ -127,7 +127,7 @@ def _run_search(config, backbone, cache) -> int:
             bar.set_postfix_str(f"best {study.trials[best].value:.4f} (trial {best})")
 
     try:
-        study = run_study(config, backbone, cache, on_trial=on_trial)
+        study = run_study(config, backbone, cache, study=study, on_trial=on_trial)
     except KeyboardInterrupt:
         bar.close()
         write_leaderboard(leaderboard(study), config.out)
@@ -162,9 +162,12 @@ class _Predict(_Command):
     def run(self, args: argparse.Namespace) -> int:
         import pandas as pd
 
-        from autotransfer.predict import predict
+        from autotransfer.predict import Predictor
 
-        rows = predict(args.model, args.images, batch_size=args.batch_size)
+        predictor = Predictor(args.model)
+        print(f"{args.model}: {len(predictor.classes)} classes, {predictor.image_size}px, on "
+              f"{predictor.provider}", file=sys.stderr)
+        rows = predictor.predict(args.images, batch_size=args.batch_size)
         if args.format == "json":
             print(json.dumps(rows, indent=2))
         elif args.format == "csv":

@@ -51,26 +51,34 @@ def load_images(paths: Sequence[str | Path], size: int, mean: Sequence[float], s
     return (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
 
 
-def predict(model_path: str | Path, paths: Sequence[str | Path], *, batch_size: int = 64) -> list[dict]:
-    """One dict per image: path, class, probability (softmax of the logits)."""
-    session = open_session(model_path)
-    meta = read_metadata(session)
-    missing = {"class_names", "input_size", "mean", "std"} - set(meta)
-    if missing:
-        raise ConfigError(f"Model {str(model_path)!r} lacks metadata {sorted(missing)}; export it with autotransfer.")
-    size = int(meta["input_size"][-1])
-    classes = meta["class_names"]
-    results = []
-    for i in range(0, len(paths), batch_size):
-        chunk = paths[i:i + batch_size]
-        logits = session.run(["logits"], {"input": load_images(chunk, size, meta["mean"], meta["std"])})[0]
-        e = np.exp(logits - logits.max(1, keepdims=True))
-        probs = e / e.sum(1, keepdims=True)
-        for p, row in zip(chunk, probs, strict=True):
-            k = int(row.argmax())
-            results.append({"path": str(p), "class": classes[k], "probability": float(row[k])})
-    return results
+class Predictor:
+    """An exported model on the best available onnxruntime provider, with its own preprocessing."""
 
+    def __init__(self, model_path: str | Path) -> None:
+        self.session = open_session(model_path)
+        meta = read_metadata(self.session)
+        missing = {"class_names", "input_size", "mean", "std"} - set(meta)
+        if missing:
+            raise ConfigError(f"Model {str(model_path)!r} lacks metadata {sorted(missing)}; export it with "
+                              "autotransfer.")
+        self.classes: list[str] = list(meta["class_names"])
+        self.image_size = int(meta["input_size"][-1])
+        self.mean, self.std = meta["mean"], meta["std"]
 
-def active_provider(model_path: str | Path) -> str:
-    return open_session(model_path).get_providers()[0]
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+    def predict(self, paths: Sequence[str | Path], *, batch_size: int = 64) -> list[dict]:
+        """One dict per image: path, class, probability (softmax of the logits)."""
+        results = []
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i:i + batch_size]
+            x = load_images(chunk, self.image_size, self.mean, self.std)
+            logits = self.session.run(["logits"], {"input": x})[0]
+            e = np.exp(logits - logits.max(1, keepdims=True))
+            probs = e / e.sum(1, keepdims=True)
+            for p, row in zip(chunk, probs, strict=True):
+                k = int(row.argmax())
+                results.append({"path": str(p), "class": self.classes[k], "probability": float(row[k])})
+        return results

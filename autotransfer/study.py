@@ -122,10 +122,14 @@ def load_trial_model(study: optuna.Study, number: int, backbone: Backbone, cache
     return train_trial(strategy, backbone, cache).model, True
 
 
-def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *,
+def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,
               on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
-    """Run trials until the study has `budget` finished trials (or `timeout` passes)."""
-    study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
+    """Run trials until the study has `budget` finished trials (or `timeout` passes).
+
+    `study` is the already opened study of `config` (see `open_study`); `on_trial` runs after every trial.
+    """
+    if study is None:
+        study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     space = SearchSpace(num_groups=backbone.num_groups, max_epochs=config.max_epochs, seed=config.seed)
     if not study.trials:
         for s in default_strategies(space):
@@ -162,7 +166,7 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
             save_checkpoint(config.out, trial.number, result, strategy)
         return result.val_accuracy
 
-    def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if on_trial is not None:
             on_trial(study, trial)
         failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
@@ -171,6 +175,6 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
 
     remaining = config.budget - finished_trials(study)
     if remaining > 0:
-        study.optimize(objective, n_trials=None, timeout=config.timeout, callbacks=[stop_at_budget],
+        study.optimize(objective, n_trials=None, timeout=config.timeout, callbacks=[after_trial],
                        catch=_TRIAL_ERRORS, gc_after_trial=False)
     return study
