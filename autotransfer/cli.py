@@ -101,7 +101,7 @@ def _run_search(config, backbone, cache) -> int:
     from tqdm.auto import tqdm
 
     from autotransfer.pipeline import finish_study
-    from autotransfer.report import leaderboard, write_leaderboard
+    from autotransfer.report import leaderboard, to_markdown, write_leaderboard
     from autotransfer.strategy import Strategy
     from autotransfer.study import FINISHED, best_trial_number, finished_trials, open_study, run_study
 
@@ -120,8 +120,9 @@ def _run_search(config, backbone, cache) -> int:
         described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
             if "strategy" in trial.user_attrs else ""
         value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
+        reason = trial.user_attrs.get("fail_reason")
         bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}  "
-                  f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}")
+                  f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
         best = best_trial_number(study)
         if best is not None:
             bar.set_postfix_str(f"best {study.trials[best].value:.4f} (trial {best})")
@@ -140,7 +141,7 @@ def _run_search(config, backbone, cache) -> int:
     cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
             "lr_ratio", "epochs_run", "seconds"]
     print("\nTop 10 strategies:")
-    print(board[cols].head(10).to_markdown(index=False, floatfmt=".4g"))
+    print(to_markdown(board[cols].head(10)))
     m = result.metrics
     print(f"\nbest: trial {m['trial']}  val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
           f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)
+    # Our own per-trial lines say what failed and why; Optuna's warnings would repeat it with a traceback.
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.ERROR)
     try:
         return args.handler.run(args)
     except AutotransferError as e:

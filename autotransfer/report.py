@@ -39,13 +39,18 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     return df
 
 
+def to_markdown(df: pd.DataFrame) -> str:
+    """Markdown table with empty cells (not `<NA>`) for unranked trials and unset values."""
+    return df.astype(object).where(df.notna(), "").to_markdown(index=False, floatfmt=".4g")
+
+
 def write_leaderboard(df: pd.DataFrame, out: Path) -> list[Path]:
     """leaderboard.csv and leaderboard.md in `out`; written to temporary files first, then renamed."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "leaderboard.csv", out / "leaderboard.md"]
     tmp_csv, tmp_md = (p.with_name(f".{p.name}.tmp") for p in paths)
     df.to_csv(tmp_csv, index=False)
-    tmp_md.write_text(df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    tmp_md.write_text(to_markdown(df) + "\n")
     tmp_csv.replace(paths[0])
     tmp_md.replace(paths[1])
     return paths

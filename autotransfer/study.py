@@ -143,6 +143,9 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         except _TRIAL_ERRORS as e:  # fails this trial alone (see `catch`)
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
 
