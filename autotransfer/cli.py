@@ -103,7 +103,7 @@ def _run_search(config, backbone, cache) -> int:
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
     from autotransfer.strategy import Strategy
-    from autotransfer.study import FINISHED, best_trial_number, finished_trials, open_study, run_study
+    from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     data = cache.data
@@ -123,9 +123,9 @@ def _run_search(config, backbone, cache) -> int:
         reason = trial.user_attrs.get("fail_reason")
         bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}  "
                   f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
-        best = best_trial_number(study)
+        best = best_trial(study)
         if best is not None:
-            bar.set_postfix_str(f"best {study.trials[best].value:.4f} (trial {best})")
+            bar.set_postfix_str(f"best {best.value:.4f} (trial {best.number})")
 
     try:
         study = run_study(config, backbone, cache, study=study, on_trial=on_trial)

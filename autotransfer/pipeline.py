@@ -18,7 +18,7 @@ from autotransfer.export import export_onnx, verify
 from autotransfer.features import ActivationCache, normalise
 from autotransfer.report import leaderboard, write_leaderboard
 from autotransfer.strategy import Strategy
-from autotransfer.study import StudyConfig, best_trial_number, load_trial_model
+from autotransfer.study import StudyConfig, best_trial, load_trial_model
 
 
 @dataclass(frozen=True)
@@ -60,16 +60,16 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         export_onnx(model, tmp / "model.onnx", image_size=data.image_size, metadata=metadata)
         x_test, y_test = data.subset("test")
         checks = verify(model, tmp / "model.onnx", normalise(x_test, backbone.mean, backbone.std), y_test)
+        metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
+                   "retrained": retrained, "backbone": backbone.name, "data": data.name}
+        _write_json(tmp / "metrics.json", metrics)
+        _write_json(tmp / "strategy.json", {**strategy.to_dict(), "backbone": backbone.name,
+                                            "description": strategy.describe(backbone.group_names)})
+        _write_json(tmp / "classes.json", list(data.classes))
+        _write_json(tmp / "preprocess.json", preprocess)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
         raise
-    metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
-               "retrained": retrained, "backbone": backbone.name, "data": data.name}
-    _write_json(tmp / "metrics.json", metrics)
-    _write_json(tmp / "strategy.json", {**strategy.to_dict(), "backbone": backbone.name,
-                                        "description": strategy.describe(backbone.group_names)})
-    _write_json(tmp / "classes.json", list(data.classes))
-    _write_json(tmp / "preprocess.json", preprocess)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.replace(dest)
     return ExportResult(dest, metrics, retrained)
@@ -78,9 +78,9 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
 def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache) -> ExportResult:
     """Write the leaderboard and export the best trial to `out/best/`."""
     write_leaderboard(leaderboard(study), config.out)
-    best = best_trial_number(study)
+    best = best_trial(study)
     if best is None:
         raise AutotransferError(f"Study {study.study_name!r} has no complete trial to export; see "
                                 f"{config.out / 'leaderboard.md'} for why trials failed.")
-    return export_trial(study, best, backbone, cache, study_out=config.out,
+    return export_trial(study, best.number, backbone, cache, study_out=config.out,
                         dest=config.out / "best")

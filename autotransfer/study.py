@@ -82,13 +82,13 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def best_trial_number(study: optuna.Study) -> int | None:
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """Highest validation accuracy among complete trials; ties go to the earlier (simpler, enqueued) trial.
 
     Optuna's own `best_trial` leaves the order of ties to the storage backend.
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda t: (-t.value, t.number)).number if complete else None
+    return min(complete, key=lambda t: (-t.value, t.number)) if complete else None
 
 
 def _checkpoint_path(out: Path, number: int) -> Path:

@@ -6,7 +6,7 @@ from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.report import COLUMNS, leaderboard
 from autotransfer.strategy import SearchSpace, Strategy, default_strategies
-from autotransfer.study import StudyConfig, best_trial_number, default_storage, finished_trials, open_study, run_study
+from autotransfer.study import StudyConfig, best_trial, default_storage, finished_trials, open_study, run_study
 
 
 def _config(tmp_path, budget, **kw):
@@ -26,7 +26,7 @@ def test_study_runs_exactly_the_budget_then_resumes(tmp_path, tiny, tiny_cache):
     more = run_study(_config(tmp_path, 7), tiny, tiny_cache)
     assert finished_trials(more) == 7 and [t.number for t in more.trials] == list(range(7))
     assert list((tmp_path / "checkpoints").glob("*.pt")) == [tmp_path / "checkpoints" /
-                                                            f"trial_{best_trial_number(more)}.pt"]
+                                                            f"trial_{best_trial(more).number}.pt"]
 
 
 def test_same_name_with_other_data_is_refused(tmp_path, tiny, tiny_cache):
@@ -72,4 +72,4 @@ def test_leaderboard_is_sorted_and_ranks_only_complete_trials(tmp_path, tiny, ti
     assert complete.val_accuracy.is_monotonic_decreasing
     assert list(complete["rank"]) == list(range(1, len(complete) + 1))
     assert board[board.state != "complete"]["rank"].isna().all()
-    assert board.iloc[0].trial == best_trial_number(study)
+    assert board.iloc[0].trial == best_trial(study).number
