@@ -43,6 +43,18 @@ def _positive_int(name: str):
     return parse
 
 
+def _size(name: str):
+    def parse(text: str) -> int:
+        from autotransfer.features import parse_size
+
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{name}: {e}") from None
+
+    return parse
+
+
 class _Search(_Command):
     """Search how to transfer a pretrained backbone to DATA; export the best model to ONNX.
 
@@ -62,38 +74,59 @@ class _Search(_Command):
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<study-name>)")
         parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
         parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
-        parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=6,
-                            help="most epochs of a fine-tuning trial (default: 6)")
-        parser.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
-                            help="input size in pixels (default: per data set, 64 for digits)")
+        parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=4,
+                            help="most epochs of a fine-tuning trial (default: 4)")
+        _add_data_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from autotransfer.backbones import get_backbone
-        from autotransfer.data import load_data
-        from autotransfer.features import ActivationCache
         from autotransfer.study import StudyConfig, default_storage
 
-        data = load_data(args.data, image_size=args.image_size, seed=args.seed)
-        backbone = get_backbone(args.backbone, args.weights)
-        name = args.study_name or data.name
-        out = args.out or Path("studies") / name
-        created = not out.exists()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise ConfigError(f"Output folder {str(out)!r} is not writable ({e.strerror}); pass --out with a "
-                              "folder you can write to.") from None
+        backbone, cache, out, created = _prepare(args)
+        name = args.study_name or cache.data.name
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
-                             budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout)
+                             budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout,
+                             device=args.device)
         try:
-            return _run_search(config, backbone, ActivationCache(backbone, data))
+            return _run_search(config, backbone, cache)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
             raise
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that read data through a backbone (search, recommend)."""
+    parser.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
+                        help="input size in pixels (default: per data set, 64 for digits)")
+    parser.add_argument("--cache-memory", type=_size("--cache-memory"), default="4G",
+                        help="memory for cached activations; beyond it float16, then memory-mapped disk "
+                             "(default: 4G)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where trials train; cuda uses bf16 autocast (default: auto)")
+
+
+def _prepare(args: argparse.Namespace):
+    """Load data and backbone, make the output folder, open the activation cache persisted in it."""
+    from autotransfer.backbones import get_backbone
+    from autotransfer.data import load_data
+    from autotransfer.device import configure_threads, pick_device
+    from autotransfer.features import ActivationCache
+
+    pick_device(args.device)  # fail early on --device cuda without a GPU
+    configure_threads()
+    data = load_data(args.data, image_size=args.image_size, seed=args.seed)
+    backbone = get_backbone(args.backbone, args.weights)
+    out = args.out or Path("studies") / (getattr(args, "study_name", None) or data.name)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"Output folder {str(out)!r} is not writable ({e.strerror}); pass --out with a "
+                          "folder you can write to.") from None
+    return backbone, ActivationCache(backbone, data, folder=out / "cache", memory_limit=args.cache_memory), out, created
 
 
 def _run_search(config, backbone, cache) -> int:
@@ -103,7 +136,7 @@ def _run_search(config, backbone, cache) -> int:
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
     from autotransfer.strategy import Strategy
-    from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study
+    from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study, search_space
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     data = cache.data
@@ -111,6 +144,13 @@ def _run_search(config, backbone, cache) -> int:
           f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
           f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
     print(f"study {config.study_name!r} in {config.storage}")
+    space = search_space(study, config, cache)
+    prior = study.user_attrs.get("prior", {})
+    low, high = space.tap_range
+    print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
+          f" ({cache.nbytes / 2**20:.0f} MiB{f', forward pass {cache.seconds:.1f}s' if cache.seconds else ''})")
+    print(f"prior: {prior.get('quadrant', '?')}; taps {backbone.group_names[low - 1]}..{backbone.group_names[high - 1]},"
+          f" fine-tune at most {space.trainable_range} group(s) under the tap")
     bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
                dynamic_ncols=True, file=sys.stdout)
 
@@ -149,6 +189,47 @@ def _run_search(config, backbone, cache) -> int:
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
     return 0
+
+
+class _Recommend(_Command):
+    """Measure DATA against the backbone and print the size x similarity quadrant and what to try first.
+
+    One forward pass caches the activations of every group (kept in --out for a later `search`); each
+    group's pooled activations then get a LogME score and a ridge-probe validation accuracy.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("data", nargs="?", default="digits", help="folder, CSV or embedded name (default: digits)")
+        parser.add_argument("--backbone", default="efficientnet_lite0", help="see `autotransfer backbones`")
+        parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
+        parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<data name>)")
+        parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+        parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=4,
+                            help="epochs of the recommended fine-tuning strategies (default: 4)")
+        _add_data_arguments(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        import pandas as pd
+
+        from autotransfer.prior import SIMILAR_MARGIN, SMALL_PER_CLASS, build_prior
+
+        backbone, cache, _, _ = _prepare(args)
+        data = cache.data
+        prior = build_prior(cache, max_epochs=args.max_epochs, seed=args.seed)
+        table = pd.DataFrame([vars(s) for s in prior.scores]).rename(columns={"probe_accuracy": "probe_val_acc"})
+        print(f"{data.name}: {len(data.labels)} images, {prior.num_classes} classes, {prior.images_per_class:.0f} "
+              f"training images per class; backbone {backbone.name}")
+        print(table.to_markdown(index=False, floatfmt=".4f"))
+        print(f"\nquadrant: {prior.quadrant} (small: < {SMALL_PER_CLASS} training images per class; similar: final "
+              f"features within {SIMILAR_MARGIN:.0%} of the best group's probe)")
+        print(f"recommended: {prior.recommended.describe(backbone.group_names)}\nwhy: {prior.reason}")
+        low, high = prior.space.tap_range
+        print(f"search space: taps {backbone.group_names[low - 1]}..{backbone.group_names[high - 1]}, "
+              f"fine-tune at most {prior.space.trainable_range} group(s) under the tap")
+        print("the search tries first:")
+        for i, s in enumerate(prior.first_strategies):
+            print(f"  {i}. {s.describe(backbone.group_names)}")
+        return 0
 
 
 class _Predict(_Command):
@@ -201,7 +282,7 @@ class _Datasets(_Command):
 
 
 _COMMANDS: dict[str, type[_Command]] = {
-    "search": _Search, "predict": _Predict, "backbones": _Backbones, "datasets": _Datasets,
+    "search": _Search, "recommend": _Recommend, "predict": _Predict, "backbones": _Backbones, "datasets": _Datasets,
 }
 
 

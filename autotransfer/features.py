@@ -1,18 +1,36 @@
 """Activations at every group boundary, computed in one forward pass and shared by all trials.
 
-Boundary `k` holds the input of group `k` (boundary 0 = normalised images, boundary G = the last group's
-output). A trial that freezes `k` groups trains only on boundary `k`: its frozen groups are never run
-again, which is what makes a 50-trial search affordable on a CPU.
+Boundary `k` holds the input of group `k + 1` (boundary 0 = normalised images, boundary G = the last
+group's output). A trial that freezes `k` groups trains only on boundary `k`: its frozen groups are never
+run again, which is what makes a 50-trial search affordable on a CPU.
+
+Storage is bounded: boundaries are kept as float32 when they fit in `memory_limit` bytes, as float16 when
+only that fits, and otherwise stay on disk as memory-mapped `.npy` files. Trials always read what is
+stored (cast to float32 per batch), so a warm cache loaded from disk gives bit-identical results to the
+cold pass that wrote it. Rows are stored in split order (train, val, test), so a split is a slice and
+reading one never copies the whole array.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from autotransfer.backbones import Backbone
 from autotransfer.data import ImageData
+from autotransfer.heads import GlobalPool
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+DEFAULT_MEMORY_LIMIT = 4 * 2**30
 
 
 def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -28,36 +46,150 @@ def cache_key(backbone: Backbone, data: ImageData) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-class ActivationCache:
-    """Lazily computed activations at boundaries 0..max_boundary for all images, in eval mode."""
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GB' or a plain number of bytes -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    number = t[:-1] if scale > 1 else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4G or 512M)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return int(value)
 
-    def __init__(self, backbone: Backbone, data: ImageData, *, batch_size: int = 128) -> None:
+
+class ActivationCache:
+    """Activations at boundaries 1..G for all images of `data`, computed once in eval mode.
+
+    `folder`: persist the arrays there (under the cache key) and reuse them on the next run.
+    `memory_limit`: bytes the boundaries may take in memory; beyond it float16, then memory-mapped disk.
+    """
+
+    def __init__(self, backbone: Backbone, data: ImageData, *, folder: Path | None = None,
+                 memory_limit: int = DEFAULT_MEMORY_LIMIT, batch_size: int = 128) -> None:
         self.backbone, self.data, self.batch_size = backbone, data, batch_size
         self.key = cache_key(backbone, data)
+        self.folder, self.memory_limit = folder, memory_limit
+        self.order = torch.cat([data.split[s] for s in SPLITS])  # stored row i is image order[i]
+        bounds = np.cumsum([0] + [len(data.split[s]) for s in SPLITS])
+        self.slices = {s: slice(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(SPLITS)}
+        self.labels = data.labels[self.order]
+        self.storage: str | None = None  # "float32" / "float16" in memory, or "disk"
+        self.loaded_from_disk = False
+        self.seconds = 0.0  # time of the forward pass (0 when loaded)
         self._boundaries: dict[int, torch.Tensor] = {}
+        self._pooled: dict[tuple[int, str], torch.Tensor] = {}
 
+    # -- reading ---------------------------------------------------------------------------------
     def boundary(self, k: int) -> torch.Tensor:
-        """Activations entering group `k` for every image (float32, rows aligned with `data.labels`)."""
-        if k not in self._boundaries:
-            self._compute(up_to=max(k, max(self._boundaries, default=0)))
+        """Activations entering group `k + 1` for every image, rows in split order (see `rows`)."""
+        if k == 0:
+            return normalise(self.data.images[self.order], self.backbone.mean, self.backbone.std)
+        if not self._boundaries:
+            self._load_or_compute()
         return self._boundaries[k]
 
     def split(self, k: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.data.split[split]
-        return self.boundary(k)[idx], self.data.labels[idx]
+        """(activations, labels) of one split at boundary `k`; activations in their storage dtype."""
+        return self.boundary(k)[self.slices[split]], self.labels[self.slices[split]]
+
+    def pooled(self, k: int, pool: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Globally pooled float32 vectors of boundary `k` (memoised: every head-only trial reuses them)."""
+        if (k, pool) not in self._pooled:
+            x = self.boundary(k)
+            pooling = GlobalPool(pool)
+            with torch.no_grad():
+                self._pooled[k, pool] = torch.cat([pooling(x[i:i + 512].float()) for i in range(0, len(x), 512)])
+        return self._pooled[k, pool][self.slices[split]], self.labels[self.slices[split]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._boundaries.values())
+
+    # -- building --------------------------------------------------------------------------------
+    def _load_or_compute(self) -> None:
+        shapes = self._shapes()
+        floats = len(self.order) * sum(int(np.prod(s)) for s in shapes.values())
+        dtype = "float32" if floats * 4 <= self.memory_limit else "float16"
+        on_disk = floats * np.dtype(dtype).itemsize > self.memory_limit
+        path = None if self.folder is None else self.folder / f"{self.key}-{dtype}"
+        if path is not None and (path / "meta.json").is_file():
+            try:
+                self._load(path, on_disk)
+                self.loaded_from_disk = True
+                return
+            except (OSError, ValueError, KeyError) as e:  # a damaged cache is recomputed, not trusted
+                logger.warning("activation cache in %s is unreadable (%s); recomputing it", path, e)
+                shutil.rmtree(path, ignore_errors=True)
+        if path is None and on_disk:
+            path = Path(tempfile.mkdtemp(prefix="autotransfer-cache-")) / f"{self.key}-{dtype}"
+        self._compute(shapes, np.dtype(dtype), path, on_disk)
+
+    def _shapes(self) -> dict[int, tuple[int, ...]]:
+        groups = self.backbone.groups
+        was_training = groups.training
+        with torch.no_grad():
+            x = normalise(self.data.images[:1], self.backbone.mean, self.backbone.std)
+            shapes = {}
+            for k, group in enumerate(groups.eval(), start=1):
+                x = group(x)
+                shapes[k] = tuple(x.shape[1:])
+        groups.train(was_training)
+        return shapes
 
     @torch.no_grad()
-    def _compute(self, up_to: int) -> None:
+    def _compute(self, shapes: dict[int, tuple[int, ...]], dtype: np.dtype, path: Path | None,
+                 on_disk: bool) -> None:
+        """One eval-mode pass; each boundary is written straight into its (memory or disk) array."""
+        started = time.perf_counter()
+        write_dir = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        arrays = {}
+        for k, shape in shapes.items():
+            full = (len(self.order), *shape)
+            if on_disk:
+                arrays[k] = np.lib.format.open_memmap(write_dir / f"b{k}.npy", mode="w+", dtype=dtype, shape=full)
+            else:
+                arrays[k] = np.empty(full, dtype=dtype)
         groups = self.backbone.groups
         was_training = groups.training
         groups.eval()
-        outs: dict[int, list[torch.Tensor]] = {k: [] for k in range(up_to + 1)}
-        for start in range(0, len(self.data.images), self.batch_size):
-            x = normalise(self.data.images[start:start + self.batch_size], self.backbone.mean, self.backbone.std)
-            outs[0].append(x)
-            for k in range(1, up_to + 1):
+        for start in range(0, len(self.order), self.batch_size):
+            rows = self.order[start:start + self.batch_size]
+            x = normalise(self.data.images[rows], self.backbone.mean, self.backbone.std)
+            for k in shapes:
                 x = groups[k - 1](x)
-                outs[k].append(x)
+                arrays[k][start:start + len(rows)] = x.numpy()
         groups.train(was_training)
-        for k, chunks in outs.items():
-            self._boundaries[k] = torch.cat(chunks)
+        self.seconds = time.perf_counter() - started
+        self.storage = "disk" if on_disk else str(dtype)
+        if write_dir is not None:
+            for k, a in arrays.items():
+                a.flush() if on_disk else np.save(write_dir / f"b{k}.npy", a)
+            (write_dir / "meta.json").write_text(json.dumps({"key": self.key, "dtype": str(dtype),
+                                                             "boundaries": sorted(shapes)}))
+            try:
+                write_dir.rename(path)
+            except OSError:  # another worker finished first: its arrays are identical
+                shutil.rmtree(write_dir, ignore_errors=True)
+            if on_disk:
+                self._load(path, on_disk)
+                return
+        self._boundaries = {k: torch.from_numpy(a) for k, a in arrays.items()}
+
+    def _load(self, path: Path, on_disk: bool) -> None:
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["key"] != self.key:
+            raise ValueError(f"cache key {meta['key']} != {self.key}")
+        boundaries = {}
+        for k in meta["boundaries"]:
+            a = np.load(path / f"b{k}.npy", mmap_mode="c" if on_disk else None)  # "c": never written back
+            if len(a) != len(self.order):
+                raise ValueError(f"boundary {k} has {len(a)} rows, expected {len(self.order)}")
+            boundaries[int(k)] = torch.from_numpy(a)
+        self._boundaries = boundaries
+        self.storage = "disk" if on_disk else meta["dtype"]

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adamw")
 BN_MODES = ("train", "frozen")
 HEAD_ONLY_EPOCHS = 30  # a head on cached features costs milliseconds per epoch, so let it converge
+PROBE_LR = 0.05  # SGD LR of the linear probe that starts an LP-FT trial (BatchNorm'd inputs: robust)
+BATCH_SIZES = (64, 128)
+# Head LR ranges per optimizer: a head on frozen features takes large steps; a fine-tune needs small ones.
+LR_RANGES = {("sgd", False): (1e-3, 0.3), ("adamw", False): (1e-4, 1e-2),
+             ("sgd", True): (1e-4, 0.05), ("adamw", True): (1e-5, 1e-3)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +44,7 @@ class Strategy:
     l2sp_alpha: float = 0.0  # alpha/2 * ||w - w_pretrained||^2 on trainable backbone weights (0 = off)
     label_smoothing: float = 0.0  # softmax heads only
     bn: str = "frozen"  # BatchNorm of trainable groups: "train" (batch statistics) or "frozen" (running)
-    warmup_epochs: int = 0  # head-only epochs before the backbone groups unfreeze (LP-FT)
+    lp_ft: bool = False  # fit the head as a linear probe on cached features first, then fine-tune (LP-FT)
     epochs: int = HEAD_ONLY_EPOCHS
     batch_size: int = 64
     seed: int = 0
@@ -59,8 +64,6 @@ class Strategy:
             (self.l2sp_alpha >= 0, f"l2sp_alpha must be >= 0, but got {self.l2sp_alpha}."),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.bn in BN_MODES, f"bn must be one of {BN_MODES}, but got bn={self.bn!r}."),
-            (0 <= self.warmup_epochs < max(self.epochs, 1), f"warmup_epochs must be in 0..epochs-1, "
-                                                            f"got {self.warmup_epochs} with epochs={self.epochs}."),
             (self.epochs >= 1, f"epochs must be >= 1, but got epochs={self.epochs}."),
             (self.batch_size >= 1, f"batch_size must be >= 1, but got batch_size={self.batch_size}."),
         ]
@@ -87,26 +90,49 @@ class Strategy:
             body = "backbone frozen"
         else:
             first = group_names[self.freeze] if group_names else f"group {self.freeze + 1}"
-            body = (f"fine-tune {first}..{where} ({self.optimizer}, lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
+            body = (f"fine-tune {first}..{where}{' after a linear probe' if self.lp_ft else ''} ({self.optimizer}, "
+                    f"lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
                     f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}, {self.epochs} epochs)")
         return f"{self.head} head on {where} ({self.pool} pool), {body}"
 
 
 @dataclass(frozen=True, kw_only=True)
 class SearchSpace:
-    """Bounds of the search that depend on the backbone and the budget, not on the trial."""
+    """Bounds of the search that depend on the backbone, the data and the budget, not on the trial.
 
-    num_groups: int  # G: taps range over 1..G
-    max_epochs: int = 6  # fine-tuning epochs are the expensive fidelity; head-only trials use HEAD_ONLY_EPOCHS
+    `min_tap..max_tap` and `max_trainable` come from the transferability prior (see `prior.py`): taps
+    whose features score far below the best are not searched, and small data sets fine-tune at most a
+    few groups under the tap.
+    """
+
+    num_groups: int  # G: the backbone's groups
+    max_epochs: int = 4  # fine-tuning epochs are the expensive fidelity; head-only trials use HEAD_ONLY_EPOCHS
     min_tap: int = 1
+    max_tap: int = 0  # 0: num_groups
+    max_trainable: int = 0  # most groups a trial fine-tunes; 0: any number
     seed: int = 0
+
+    @property
+    def tap_range(self) -> tuple[int, int]:
+        return self.min_tap, self.max_tap or self.num_groups
+
+    @property
+    def trainable_range(self) -> int:
+        return self.max_trainable or self.tap_range[1]
 
 
 def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
-    """Draw one strategy; parameters are only suggested where they matter (define-by-run)."""
-    tap = trial.suggest_int("tap", space.min_tap, space.num_groups)
-    freeze = trial.suggest_int("freeze", 0, tap)
+    """Draw one strategy; parameters are only suggested where they matter (define-by-run).
+
+    Every parameter name has one fixed distribution (the LR is named per optimizer and per mode), which
+    is what Optuna's multivariate TPE needs to model them jointly.
+    """
+    tap = trial.suggest_int("tap", *space.tap_range)
+    trainable = trial.suggest_int("trainable_groups", 0, space.trainable_range)
+    freeze = max(0, tap - trainable)
     head = trial.suggest_categorical("head", HEADS)
+    optimizer = trial.suggest_categorical("optimizer", OPTIMIZERS)
+    fine_tune = freeze < tap
     params: dict[str, Any] = dict(
         tap=tap,
         freeze=freeze,
@@ -114,58 +140,40 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
         head=head,
         mlp_hidden=trial.suggest_categorical("mlp_hidden", (128, 256, 512)) if head == "mlp" else 0,
         dropout=trial.suggest_float("dropout", 0.0, 0.5),
-        optimizer=(optimizer := trial.suggest_categorical("optimizer", OPTIMIZERS)),
+        optimizer=optimizer,
+        lr=trial.suggest_float(f"{'ft_' if fine_tune else ''}lr_{optimizer}", *LR_RANGES[optimizer, fine_tune],
+                               log=True),
         weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2) if head != "svm" else 0.0,
-        batch_size=trial.suggest_categorical("batch_size", (32, 64, 128)),
+        batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES),
         seed=space.seed,
     )
-    low, high = (1e-3, 0.3) if optimizer == "sgd" else (1e-4, 1e-2)
-    params["lr"] = trial.suggest_float("lr", low, high, log=True)
-    if freeze < tap:
-        epochs = trial.suggest_int("epochs", max(1, space.max_epochs // 3), space.max_epochs)
+    if fine_tune:
         params.update(
-            epochs=epochs,
+            epochs=trial.suggest_int("epochs", 1, space.max_epochs),
             lr_ratio=trial.suggest_float("lr_ratio", 0.01, 1.0, log=True),
-            l2sp_alpha=trial.suggest_categorical("l2sp", (True, False))
-            and trial.suggest_float("l2sp_alpha", 1e-4, 1e-1, log=True),
+            l2sp_alpha=trial.suggest_float("l2sp_alpha", 1e-4, 1e-1, log=True)
+            if trial.suggest_categorical("l2sp", (True, False)) else 0.0,
             bn=trial.suggest_categorical("bn", BN_MODES),
-            warmup_epochs=trial.suggest_int("warmup_epochs", 0, min(2, epochs - 1)),
+            lp_ft=trial.suggest_categorical("lp_ft", (True, False)),
         )
-        params["l2sp_alpha"] = float(params["l2sp_alpha"] or 0.0)
     return Strategy(**params)
-
-
-def default_strategies(space: SearchSpace) -> list[Strategy]:
-    """The trials enqueued first, so the search never ends worse than the textbook defaults.
-
-    0: the classic feature extractor (linear softmax on the final features); 1: the same on a
-    mid-to-late group, which wins when the target data differs from the source; 2: fine-tune the last
-    two groups of that tap with a 10x LR spread (fast.ai-style), for data that needs adaptation.
-    """
-    g = space.num_groups
-    mid = max(space.min_tap, min(g, round(g * 2 / 3)))
-    common = dict(head="linear", pool="avgmax", optimizer="sgd", lr=0.05, weight_decay=1e-4, seed=space.seed)
-    epochs = max(1, space.max_epochs)
-    return [
-        Strategy(tap=g, freeze=g, **{**common, "pool": "avg"}),
-        Strategy(tap=mid, freeze=mid, **common),
-        Strategy(tap=mid, freeze=max(0, mid - 2), lr_ratio=0.1, epochs=epochs, warmup_epochs=min(1, epochs - 1),
-                 **{**common, "lr": 0.02}),
-    ]
 
 
 def enqueue_params(strategy: Strategy) -> dict[str, Any]:
     """The Optuna parameter dict that makes `suggest_strategy` return `strategy` (for enqueue_trial)."""
     s = strategy
-    p: dict[str, Any] = dict(tap=s.tap, freeze=s.freeze, head=s.head, pool=s.pool, dropout=s.dropout,
-                             optimizer=s.optimizer, weight_decay=s.weight_decay, batch_size=s.batch_size, lr=s.lr)
+    fine_tune = s.trains_backbone
+    p: dict[str, Any] = dict(tap=s.tap, trainable_groups=s.tap - s.freeze, head=s.head, pool=s.pool,
+                             dropout=s.dropout, optimizer=s.optimizer, weight_decay=s.weight_decay,
+                             batch_size=s.batch_size)
+    p[f"{'ft_' if fine_tune else ''}lr_{s.optimizer}"] = s.lr
     if s.head == "mlp":
         p["mlp_hidden"] = s.mlp_hidden
     if s.head != "svm":
         p["label_smoothing"] = s.label_smoothing
-    if s.trains_backbone:
-        p.update(epochs=s.epochs, lr_ratio=s.lr_ratio, l2sp=s.l2sp_alpha > 0, bn=s.bn, warmup_epochs=s.warmup_epochs)
+    if fine_tune:
+        p.update(epochs=s.epochs, lr_ratio=s.lr_ratio, l2sp=s.l2sp_alpha > 0, bn=s.bn, lp_ft=s.lp_ft)
         if s.l2sp_alpha > 0:
             p["l2sp_alpha"] = s.l2sp_alpha
     return p

@@ -6,6 +6,7 @@ the same command resumes it and stops at the budget.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -22,7 +23,9 @@ from autotransfer.backbones import Backbone
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.model import TransferModel, build_model
-from autotransfer.strategy import SearchSpace, Strategy, default_strategies, enqueue_params, suggest_strategy
+from autotransfer.device import pick_device
+from autotransfer.prior import build_prior
+from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
 from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
 
 logger = logging.getLogger(__name__)
@@ -39,8 +42,9 @@ class StudyConfig:
     out: Path  # output folder: checkpoints, leaderboards, best/
     budget: int = 50  # finished trials in the study
     seed: int = 0
-    max_epochs: int = 6
+    max_epochs: int = 4
     timeout: float | None = None  # seconds for this process
+    device: str = "cpu"  # "cpu", "cuda" or "auto"
 
 
 def default_storage(out: Path) -> str:
@@ -54,7 +58,9 @@ def open_study(config: StudyConfig, *, backbone: Backbone | None = None, data_fi
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=max(5, config.budget // 5))
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    # Successive halving on fine-tuning epochs: after epoch 1, only the best third of the fine-tuning trials
+    # that reached it go on to epoch 3. Head-only trials report nothing: at a second each, pruning saves nothing.
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     try:
         study = optuna.create_study(study_name=config.study_name, storage=config.storage, direction="maximize",
                                     sampler=sampler, pruner=pruner, load_if_exists=create)
@@ -122,6 +128,24 @@ def load_trial_model(study: optuna.Study, number: int, backbone: Backbone, cache
     return train_trial(strategy, backbone, cache).model, True
 
 
+def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCache) -> SearchSpace:
+    """The study's search space: measured by the prior on its first run, then read back from the study.
+
+    A new study also gets the prior's strategies enqueued as its first trials.
+    """
+    stored = study.user_attrs.get("search_space")
+    if stored is not None:
+        return SearchSpace(**stored)
+    prior = build_prior(cache, max_epochs=config.max_epochs, seed=config.seed)
+    if not study.trials:
+        for s in prior.first_strategies:
+            study.enqueue_trial(enqueue_params(s), user_attrs={"enqueued": "prior"})
+    study.set_user_attr("search_space", dataclasses.asdict(prior.space))
+    study.set_user_attr("prior", {"quadrant": prior.quadrant, "reason": prior.reason,
+                                  "recommended": prior.recommended.to_dict()})
+    return prior.space
+
+
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,
               on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
     """Run trials until the study has `budget` finished trials (or `timeout` passes).
@@ -130,10 +154,8 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
     """
     if study is None:
         study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
-    space = SearchSpace(num_groups=backbone.num_groups, max_epochs=config.max_epochs, seed=config.seed)
-    if not study.trials:
-        for s in default_strategies(space):
-            study.enqueue_trial(enqueue_params(s), user_attrs={"enqueued": "default"})
+    space = search_space(study, config, cache)
+    device = pick_device(config.device)
     best = [max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)]
 
     def objective(trial: optuna.Trial) -> float:
@@ -154,16 +176,17 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         trial.set_user_attr("strategy", strategy.to_dict())
 
         def report(epoch: int, value: float) -> None:
-            trial.set_user_attr("epochs_run", epoch + 1)
+            trial.set_user_attr("epochs_run", epoch)
             trial.report(value, epoch)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"val accuracy {value:.4f} after epoch {epoch + 1}")
+                raise optuna.TrialPruned(f"val accuracy {value:.4f} after epoch {epoch}")
 
         try:
-            result = train_trial(strategy, backbone, cache, report=report)
+            result = train_trial(strategy, backbone, cache, report=report, device=device)
         except TrainingDiverged as e:
             trial.set_user_attr("fail_reason", str(e))
             raise optuna.TrialPruned(str(e)) from None
+        trial.set_user_attr("epochs_run", result.epochs_run)
         if result.val_accuracy > best[0]:
             best[0] = result.val_accuracy
             save_checkpoint(config.out, trial.number, result, strategy)

@@ -6,6 +6,7 @@ caller decides whether that stops the trial (by raising from the callback).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from autotransfer.errors import AutotransferError
 from autotransfer.features import ActivationCache
 from autotransfer.heads import head_loss
 from autotransfer.model import TransferModel, build_model
-from autotransfer.strategy import Strategy
+from autotransfer.device import autocast
+from autotransfer.strategy import HEAD_ONLY_EPOCHS, PROBE_LR, Strategy
 
 Report = Callable[[int, float], None]
 
@@ -81,15 +83,18 @@ def _optimizer(groups: list[dict], strategy: Strategy) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 256) -> float:
+             device: torch.device | str = "cpu", batch_size: int = 256) -> float:
     correct = 0
+    device = torch.device(device)
     for i in range(0, len(x), batch_size):
-        correct += int((forward(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+        with autocast(device):
+            logits = forward(_to_input(x[i:i + batch_size], device))
+        correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
     return correct / max(1, len(x))
 
 
-def _set_train_mode(model: TransferModel, strategy: Strategy, backbone_live: bool) -> None:
-    """Head in train mode; trainable groups per `strategy.bn`; frozen groups (and all groups during warm-up) eval.
+def _set_train_mode(model: TransferModel, strategy: Strategy) -> None:
+    """Head in train mode; trainable groups per `strategy.bn`; frozen groups in eval mode.
 
     With `bn == "train"` the running statistics restart every epoch as a plain average over that epoch's
     batches: pretrained BatchNorm momentum (0.01 for the TF-ported Lite0) would otherwise leave them
@@ -97,11 +102,7 @@ def _set_train_mode(model: TransferModel, strategy: Strategy, backbone_live: boo
     """
     model.train()
     for i in range(strategy.freeze, strategy.tap):
-        group = model.groups[i]
-        if not backbone_live:
-            group.eval()
-            continue
-        for m in group.modules():
+        for m in model.groups[i].modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if strategy.bn == "frozen":
                     m.eval()
@@ -110,29 +111,52 @@ def _set_train_mode(model: TransferModel, strategy: Strategy, backbone_live: boo
                     m.momentum = None  # cumulative average over the epoch
 
 
+def _to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Stored activations (float16/float32, maybe memory-mapped) -> float32 on `device`, channels_last if 4-D."""
+    x = x.to(device, dtype=torch.float32, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def _probe_head(model: TransferModel, strategy: Strategy, backbone: Backbone, cache: ActivationCache,
+                device: torch.device) -> None:
+    """LP-FT's first step: fit the head as a linear probe on the cached tapped features, then fine-tune.
+
+    A random head's gradients wreck pretrained features in the first steps; a fitted one does not
+    (Kumar et al., 2022). On cached vectors the probe costs about a second.
+    """
+    probe = dataclasses.replace(strategy, freeze=strategy.tap, epochs=HEAD_ONLY_EPOCHS, optimizer="sgd", lr=PROBE_LR,
+                                l2sp_alpha=0.0, lp_ft=False)
+    fitted = train_trial(probe, backbone, cache, device=device).model
+    model.head.load_state_dict(fitted.head.state_dict())
+
+
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *,
-                report: Report | None = None) -> TrialResult:
-    """Train `strategy` from the activations at boundary `freeze`; return the final validation accuracy."""
+                report: Report | None = None, device: torch.device | str = "cpu") -> TrialResult:
+    """Train `strategy` from the activations at boundary `freeze`; return the final validation accuracy.
+
+    `report(epoch, val_accuracy)` is called after every fine-tuning epoch (epoch counts from 1); head-only
+    trials take about a second and report nothing, so a pruner only ever stops expensive trials.
+    """
     start_time = time.perf_counter()
     s = strategy
+    device = torch.device(device)
     torch.manual_seed(s.seed)
-    model = build_model(s, backbone, len(cache.data.classes))
+    model = build_model(s, backbone, len(cache.data.classes)).to(device, memory_format=torch.channels_last)
     if s.trains_backbone:
         start = s.freeze
         x_train, y_train = cache.split(start, "train")
         x_val, y_val = cache.split(start, "val")
+        if s.lp_ft:
+            _probe_head(model, s, backbone, cache, device)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return model.forward_from(x, start)
-    else:  # pure feature extractor: pool once, then train only the head on vectors
-        with torch.no_grad():
-            x_train, y_train = cache.split(s.tap, "train")
-            x_val, y_val = cache.split(s.tap, "val")
-            x_train, x_val = model.pool(x_train), model.pool(x_val)
+    else:  # pure feature extractor: pooled vectors are cached too, train only the head on them
+        x_train, y_train = cache.pooled(s.tap, s.pool, "train")
+        x_val, y_val = cache.pooled(s.tap, s.pool, "val")
         forward = model.head
 
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
-    backbone_params = [p for p in model.groups.parameters() if p.requires_grad]
     optimizer = _optimizer(param_groups(model, s), s)
     steps_per_epoch = math.ceil(len(x_train) / s.batch_size)
     total_steps = steps_per_epoch * s.epochs
@@ -140,33 +164,30 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     criterion = head_loss(s.head, label_smoothing=s.label_smoothing)
     generator = torch.Generator().manual_seed(s.seed)
+    y_train = y_train.to(device)
 
     history: list[float] = []
-    for epoch in range(s.epochs):
-        backbone_live = s.trains_backbone and epoch >= s.warmup_epochs
-        for p in backbone_params:
-            p.requires_grad_(backbone_live)
-        _set_train_mode(model, s, backbone_live)
+    for epoch in range(1, s.epochs + 1):
+        _set_train_mode(model, s)
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(0, len(order), s.batch_size):
             idx = order[i:i + s.batch_size]
             if len(idx) < 2 and i > 0:  # BatchNorm cannot train on a single example
                 continue
-            loss = criterion(forward(x_train[idx]), y_train[idx])
-            if backbone_live and s.l2sp_alpha > 0:
+            with autocast(device):
+                loss = criterion(forward(_to_input(x_train[idx], device)).float(), y_train[idx.to(device)])
+            if s.trains_backbone and s.l2sp_alpha > 0:
                 loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch + 1}")
+                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
         model.eval()
-        history.append(accuracy(forward, x_val, y_val))
-        if report is not None:
+        history.append(accuracy(forward, x_val, y_val, device))
+        if report is not None and s.trains_backbone:
             report(epoch, history[-1])
-    for p in backbone_params:
-        p.requires_grad_(True)
-    model.eval()
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     return TrialResult(val_accuracy=history[-1], epochs_run=len(history), seconds=time.perf_counter() - start_time,
                        model=model, history=history)

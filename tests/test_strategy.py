@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from autotransfer.errors import ConfigError
-from autotransfer.strategy import SearchSpace, Strategy, default_strategies, enqueue_params, suggest_strategy
+from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
 
 SPACE = SearchSpace(num_groups=9, max_epochs=6)
 
@@ -28,7 +28,9 @@ def test_space_is_conditional_and_covers_the_textbook_ranges():
     for s, params in samples:
         assert ("mlp_hidden" in params) == (s.head == "mlp")
         assert ("lr_ratio" in params) == s.trains_backbone
-        assert ("warmup_epochs" in params) == s.trains_backbone
+        assert ("lp_ft" in params) == s.trains_backbone
+        lr_name = f"{'ft_' if s.trains_backbone else ''}lr_{s.optimizer}"
+        assert [k for k in params if "lr_" in k and k != "lr_ratio"] == [lr_name]
         assert ("label_smoothing" in params) == (s.head != "svm")
         if not s.trains_backbone:
             assert s.lr_ratio == 1.0 and s.l2sp_alpha == 0.0
@@ -37,12 +39,14 @@ def test_space_is_conditional_and_covers_the_textbook_ranges():
     assert {s.head for s, _ in samples} == {"linear", "svm", "mlp"}
     assert {s.optimizer for s, _ in samples} == {"sgd", "adamw"}
     assert {s.bn for s, _ in samples if s.trains_backbone} == {"train", "frozen"}
-    assert any(s.l2sp_alpha > 0 for s, _ in samples) and any(s.warmup_epochs > 0 for s, _ in samples)
+    assert any(s.l2sp_alpha > 0 for s, _ in samples) and any(s.lp_ft for s, _ in samples)
 
 
-@pytest.mark.parametrize("strategy", default_strategies(SPACE) + [
+@pytest.mark.parametrize("strategy", [
+    Strategy(tap=9, freeze=9, pool="avg", lr=0.05),
+    Strategy(tap=6, freeze=4, pool="avgmax", lr=0.005, lr_ratio=0.3, lp_ft=True, epochs=4, seed=3),
     Strategy(tap=4, freeze=1, head="mlp", mlp_hidden=256, dropout=0.3, lr=0.001, lr_ratio=0.01, optimizer="adamw",
-             l2sp_alpha=0.01, bn="train", warmup_epochs=1, epochs=3, label_smoothing=0.1),
+             l2sp_alpha=0.01, bn="train", lp_ft=True, epochs=3, label_smoothing=0.1),
     Strategy(tap=2, freeze=2, head="svm", lr=0.1),
 ])
 def test_enqueue_params_reproduce_the_strategy(strategy):
@@ -54,16 +58,10 @@ def SpaceWithSeed(seed):  # noqa: N802 - reads like a constructor
     return SearchSpace(num_groups=9, max_epochs=6, seed=seed)
 
 
-def test_default_strategies_start_with_the_classic_feature_extractor():
-    first, *_ = default_strategies(SPACE)
-    assert first.tap == first.freeze == 9 and first.head == "linear"
-    assert all(s.tap <= 9 for s in default_strategies(SPACE))
-
-
 @pytest.mark.parametrize("kwargs, field", [
     (dict(tap=3, freeze=4), "freeze"), (dict(tap=0, freeze=0), "tap"), (dict(tap=2, freeze=2, head="knn"), "head"),
     (dict(tap=2, freeze=1, lr_ratio=2.0), "lr_ratio"), (dict(tap=2, freeze=2, head="mlp"), "mlp_hidden"),
-    (dict(tap=2, freeze=2, lr=math.nan), "lr"), (dict(tap=2, freeze=1, epochs=2, warmup_epochs=2), "warmup_epochs"),
+    (dict(tap=2, freeze=2, lr=math.nan), "lr"), (dict(tap=2, freeze=1, epochs=0), "epochs"),
 ])
 def test_invalid_strategies_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -73,3 +71,16 @@ def test_invalid_strategies_name_the_field(kwargs, field):
 def test_strategy_round_trips_through_a_dict():
     s = Strategy(tap=3, freeze=1, head="mlp", mlp_hidden=128, lr_ratio=0.1, epochs=4)
     assert Strategy.from_dict({**s.to_dict(), "unknown_key": 1}) == s
+
+
+def test_a_narrowed_space_keeps_taps_and_fine_tuning_depth_inside_its_bounds():
+    space = SearchSpace(num_groups=9, min_tap=4, max_tap=7, max_trainable=2)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    strategies = []
+    for _ in range(200):
+        trial = study.ask()
+        strategies.append(suggest_strategy(trial, space))
+        study.tell(trial, 0.0)
+    assert {s.tap for s in strategies} == {4, 5, 6, 7}
+    assert {s.tap - s.freeze for s in strategies} == {0, 1, 2}
+    assert all(s.epochs <= space.max_epochs for s in strategies if s.trains_backbone)

@@ -5,7 +5,8 @@ from autotransfer.data import load_data
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.report import COLUMNS, leaderboard
-from autotransfer.strategy import SearchSpace, Strategy, default_strategies
+from autotransfer.prior import build_prior
+from autotransfer.strategy import Strategy
 from autotransfer.study import StudyConfig, best_trial, default_storage, finished_trials, open_study, run_study
 
 
@@ -17,9 +18,12 @@ def _config(tmp_path, budget, **kw):
 def test_study_runs_exactly_the_budget_then_resumes(tmp_path, tiny, tiny_cache):
     study = run_study(_config(tmp_path, 5), tiny, tiny_cache)
     assert finished_trials(study) == 5
-    first = Strategy.from_dict(study.trials[0].user_attrs["strategy"])
-    assert first == default_strategies(SearchSpace(num_groups=3, max_epochs=2))[0]
-    assert all(t.intermediate_values for t in study.trials), "every trial reports per-epoch accuracy"
+    prior = build_prior(tiny_cache, max_epochs=2)
+    first = [Strategy.from_dict(t.user_attrs["strategy"]) for t in study.trials[:len(prior.first_strategies)]]
+    assert first == prior.first_strategies[:5], "the prior's strategies are the first trials"
+    for t in study.trials:
+        fine_tune = Strategy.from_dict(t.user_attrs["strategy"]).trains_backbone
+        assert bool(t.intermediate_values) == fine_tune, "only fine-tuning trials report per-epoch accuracy"
 
     again = run_study(_config(tmp_path, 5), tiny, tiny_cache)
     assert len(again.trials) == 5, "a finished study runs nothing more"

@@ -71,17 +71,45 @@ def test_every_head_learns(head, tiny, tiny_cache):
 def test_cached_path_equals_full_forward(tiny, tiny_cache, digits16):
     s = Strategy(**FINE_TUNE)
     model = train_trial(s, tiny, tiny_cache).model
-    x = normalise(digits16.images[:50], tiny.mean, tiny.std)
+    x = normalise(digits16.images[tiny_cache.order[:50]], tiny.mean, tiny.std)
     with torch.no_grad():
         assert torch.allclose(model(x), model.forward_from(tiny_cache.boundary(1)[:50], 1), atol=1e-5)
 
 
-def test_result_is_the_same_for_a_fresh_cache(tiny, digits16):
+@pytest.mark.parametrize("memory_limit, storage", [(2**30, "float32"), (6_000_000, "float16"), (2_000_000, "disk")])
+def test_a_warm_cache_gives_the_same_result_as_the_cold_pass(tiny, digits16, tmp_path, memory_limit, storage):
     s = Strategy(**FINE_TUNE)
-    a = train_trial(s, tiny, ActivationCache(tiny, digits16)).history
-    cache = ActivationCache(tiny, digits16)
-    cache.boundary(3)  # warm every boundary first
-    assert train_trial(s, tiny, cache).history == a
+    cold = ActivationCache(tiny, digits16, folder=tmp_path, memory_limit=memory_limit)
+    a = train_trial(s, tiny, cold)
+    assert cold.storage == storage and not cold.loaded_from_disk and cold.seconds > 0
+    warm = ActivationCache(tiny, digits16, folder=tmp_path, memory_limit=memory_limit)
+    b = train_trial(s, tiny, warm)
+    assert warm.loaded_from_disk and warm.storage == storage
+    assert b.history == a.history and b.val_accuracy == a.val_accuracy
+    if storage != "float32":
+        assert cold.nbytes <= memory_limit or storage == "disk"
+        assert warm.boundary(1).dtype == torch.float16
+
+
+def test_cache_key_separates_data_sets_and_a_damaged_cache_is_recomputed(tiny, digits16, tmp_path):
+    from autotransfer.data import load_data
+
+    first = ActivationCache(tiny, digits16, folder=tmp_path)
+    first.boundary(1)
+    other = ActivationCache(tiny, load_data("digits", image_size=16, seed=1), folder=tmp_path)
+    other.boundary(1)
+    assert not other.loaded_from_disk and len(list(tmp_path.iterdir())) == 2
+    (next(tmp_path.glob(f"{first.key}-*")) / "b2.npy").write_bytes(b"truncated")
+    again = ActivationCache(tiny, digits16, folder=tmp_path)
+    assert torch.equal(again.boundary(2), first.boundary(2)) and not again.loaded_from_disk
+
+
+def test_lp_ft_starts_fine_tuning_from_a_fitted_head(tiny, tiny_cache):
+    slow = dict(FINE_TUNE, lr=1e-6, epochs=1, bn="frozen")
+    probe = train_trial(Strategy(tap=3, freeze=3), tiny, tiny_cache).val_accuracy
+    with_probe = train_trial(Strategy(**slow, lp_ft=True), tiny, tiny_cache).val_accuracy
+    without = train_trial(Strategy(**slow), tiny, tiny_cache).val_accuracy
+    assert with_probe > 0.8 * probe and without < 0.5 * probe
 
 
 def test_report_is_called_every_epoch_and_can_stop_the_trial(tiny, tiny_cache):
@@ -89,12 +117,14 @@ def test_report_is_called_every_epoch_and_can_stop_the_trial(tiny, tiny_cache):
 
     def report(epoch, value):
         calls.append((epoch, value))
-        if epoch == 1:
+        if epoch == 2:
             raise KeyboardInterrupt  # any exception from the callback ends the trial
 
+    train_trial(Strategy(tap=2, freeze=2, epochs=5), tiny, tiny_cache, report=report)
+    assert calls == [], "head-only trials are not reported (nothing to prune)"
     with pytest.raises(KeyboardInterrupt):
-        train_trial(Strategy(tap=2, freeze=2, epochs=5), tiny, tiny_cache, report=report)
-    assert [e for e, _ in calls] == [0, 1] and all(0 <= v <= 1 for _, v in calls)
+        train_trial(Strategy(tap=2, freeze=1, epochs=5), tiny, tiny_cache, report=report)
+    assert [e for e, _ in calls] == [1, 2] and all(0 <= v <= 1 for _, v in calls)
 
 
 def test_nan_loss_raises_training_diverged(tiny, tiny_cache):

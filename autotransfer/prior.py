@@ -1,0 +1,187 @@
+"""The size x similarity prior: which quadrant the data is in, measured in seconds from cached activations.
+
+Classic advice (Yosinski et al. 2014; cs231n): small data similar to the source -> linear classifier on
+the final features; small and different -> linear classifier on earlier activations; large and similar ->
+fine-tune the upper layers; large and different -> fine-tune everything from the pretrained weights.
+
+Similarity is measured, not guessed: every group's pooled activations get a LogME evidence score (You et
+al., 2021) and a closed-form ridge-probe accuracy on the validation split. When an earlier group's probe
+clearly beats the final features, the data is "different" from the source. The scores then narrow the
+search: taps far below the best probe are not searched, and small data fine-tunes at most two groups.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from autotransfer.features import ActivationCache
+from autotransfer.strategy import SearchSpace, Strategy
+
+SMALL_PER_CLASS = 1000  # training images per class below which data counts as "small"
+SIMILAR_MARGIN = 0.01  # final features within 1 point of the best group's probe: "similar"
+TAP_MARGIN = 0.05  # taps whose probe is more than 5 points below the best are not searched
+SMALL_MAX_TRAINABLE = 2  # groups a small-data trial may fine-tune under its tap
+RIDGE_PENALTIES = (1e-2, 1e-1, 1.0, 10.0)  # per-sample L2 penalties tried by the ridge probe
+
+
+def logme(features: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """LogME: log marginal evidence per sample of a Bayesian linear model from features to one-hot labels.
+
+    Higher means the labels are better explained linearly by the features. Follows You et al. (2021):
+    per class, fixed-point updates of the prior precision alpha and noise precision beta, using one SVD.
+    """
+    f = features.astype(np.float64)
+    n, d = f.shape
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sigma = s ** 2
+    evidences = []
+    for c in range(num_classes):
+        y = (labels == c).astype(np.float64)
+        z2 = (u.T @ y) ** 2
+        residual_outside = max(float(y @ y - z2.sum()), 0.0)
+        alpha, beta = 1.0, 1.0
+        for _ in range(100):
+            t = alpha + beta * sigma
+            gamma = float((beta * sigma / t).sum())
+            m2 = float((beta ** 2 * sigma * z2 / t ** 2).sum())
+            res2 = float((z2 * (alpha / t) ** 2).sum()) + residual_outside
+            new_alpha, new_beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
+            converged = abs(new_alpha - alpha) / alpha < 1e-3 and abs(new_beta - beta) / beta < 1e-3
+            alpha, beta = new_alpha, new_beta
+            if converged:
+                break
+        t = alpha + beta * sigma
+        m2 = float((beta ** 2 * sigma * z2 / t ** 2).sum())
+        res2 = float((z2 * (alpha / t) ** 2).sum()) + residual_outside
+        log_det = float(np.log(t).sum()) + (d - len(sigma)) * math.log(alpha)  # zero eigenvalues add log(alpha)
+        evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - alpha / 2 * m2 - beta / 2 * res2
+                    - log_det / 2 - n / 2 * math.log(2 * math.pi))
+        evidences.append(evidence / n)
+    return float(np.mean(evidences))
+
+
+def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+                num_classes: int) -> float:
+    """Validation accuracy of the best closed-form ridge classifier (one-vs-all least squares)."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    a, b = (x_train - mean) / std, (x_val - mean) / std
+    a = np.hstack([a, np.ones((len(a), 1))])
+    b = np.hstack([b, np.ones((len(b), 1))])
+    targets = np.eye(num_classes)[y_train]
+    gram, rhs = a.T @ a, a.T @ targets
+    best = 0.0
+    for penalty in RIDGE_PENALTIES:
+        w = np.linalg.solve(gram + penalty * len(a) * np.eye(len(gram)), rhs)
+        best = max(best, float(((b @ w).argmax(1) == y_val).mean()))
+    return best
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    group: int  # tap index 1..G
+    name: str
+    channels: int
+    logme: float
+    probe_accuracy: float  # ridge probe on avg-pooled features, validation split
+
+
+@dataclass(frozen=True)
+class Prior:
+    """Measured data size and similarity, the quadrant, and what the search should try first."""
+
+    scores: list[GroupScore]
+    num_classes: int
+    train_images: int
+    size: str  # "small" or "large"
+    similarity: str  # "similar" or "different"
+    recommended: Strategy
+    reason: str
+    first_strategies: list[Strategy]
+    space: SearchSpace
+
+    @property
+    def quadrant(self) -> str:
+        return f"{self.size} & {self.similarity}"
+
+    @property
+    def images_per_class(self) -> float:
+        return self.train_images / self.num_classes
+
+    @property
+    def best(self) -> GroupScore:
+        return max(self.scores, key=lambda g: (g.probe_accuracy, g.logme))
+
+    @property
+    def final(self) -> GroupScore:
+        return self.scores[-1]
+
+
+def score_groups(cache: ActivationCache) -> list[GroupScore]:
+    """LogME and ridge-probe accuracy of every group's avg-pooled activations (seconds, from the cache)."""
+    backbone, num_classes = cache.backbone, len(cache.data.classes)
+    scores = []
+    for k in range(1, backbone.num_groups + 1):
+        x_train, y_train = (t.numpy() for t in cache.pooled(k, "avg", "train"))
+        x_val, y_val = (t.numpy() for t in cache.pooled(k, "avg", "val"))
+        scores.append(GroupScore(group=k, name=backbone.group_names[k - 1], channels=backbone.channels[k - 1],
+                                 logme=logme(x_train, y_train, num_classes),
+                                 probe_accuracy=ridge_probe(x_train, y_train, x_val, y_val, num_classes)))
+    return scores
+
+
+def build_prior(cache: ActivationCache, *, max_epochs: int = 4, seed: int = 0) -> Prior:
+    """Measure the data, place it in the quadrant, and derive the first trials and the narrowed space."""
+    with torch.no_grad():
+        scores = score_groups(cache)
+    g = len(scores)
+    num_classes = len(cache.data.classes)
+    train_images = len(cache.data.split["train"])
+    best = max(scores, key=lambda s: (s.probe_accuracy, s.logme))
+    final = scores[-1]
+    size = "small" if train_images / num_classes < SMALL_PER_CLASS else "large"
+    similarity = "similar" if final.probe_accuracy >= best.probe_accuracy - SIMILAR_MARGIN else "different"
+    kept = [s.group for s in scores if s.probe_accuracy >= best.probe_accuracy - TAP_MARGIN]
+    space = SearchSpace(num_groups=g, max_epochs=max_epochs, min_tap=min(kept), max_tap=max(kept),
+                        max_trainable=SMALL_MAX_TRAINABLE if size == "small" else 0, seed=seed)
+
+    common = dict(head="linear", optimizer="sgd", weight_decay=1e-4, seed=seed)
+    probe = dict(lr=0.05, **common)
+    fine_tune = dict(lr=0.005, lp_ft=True, epochs=max_epochs, **common)
+    textbook = Strategy(tap=g, freeze=g, pool="avg", **probe)
+    best_probe = Strategy(tap=best.group, freeze=best.group, pool="avgmax", **probe)
+    per_class = f"{train_images / num_classes:.0f} training images per class"
+    gap = f"final features {final.probe_accuracy:.1%} vs {best.name} {best.probe_accuracy:.1%} (ridge probe, val)"
+    if size == "small" and similarity == "similar":
+        recommended = textbook
+        reason = f"{per_class} is small and the final features are as good as any ({gap}): a linear classifier " \
+                 "on the final features; fine-tuning risks over-fitting."
+    elif size == "small":
+        recommended = best_probe
+        reason = f"{per_class} is small and earlier activations transfer better ({gap}): a linear classifier on " \
+                 f"{best.name}, whose features are less specific to the source task."
+    elif similarity == "similar":
+        recommended = Strategy(tap=g, freeze=max(0, g - 2), pool="avg", lr_ratio=0.1, **fine_tune)
+        reason = f"{per_class} is enough to adapt and the final features fit ({gap}): fine-tune the upper " \
+                 "groups after a linear probe, 10x smaller LR below the head."
+    else:
+        recommended = Strategy(tap=g, freeze=0, pool="avg", lr_ratio=0.01, **fine_tune)
+        reason = f"{per_class} is enough to retrain and the data differs from the source ({gap}): fine-tune " \
+                 "every group from the pretrained weights after a linear probe, 100x smaller LR at the bottom."
+
+    second = max((s for s in scores if s.group != best.group), key=lambda s: (s.probe_accuracy, s.logme))
+    depth = min(2, space.trainable_range, best.group)
+    candidates = [
+        recommended,
+        textbook,
+        best_probe,
+        Strategy(tap=second.group, freeze=second.group, pool="avgmax", **probe),
+        Strategy(tap=best.group, freeze=best.group - depth, pool="avgmax", lr_ratio=0.3, **fine_tune),
+        Strategy(tap=best.group, freeze=best.group - 1, pool="avgmax", lr_ratio=1.0, **fine_tune),
+    ]
+    first = list(dict.fromkeys(candidates))  # de-duplicated, in order
+    return Prior(scores=scores, num_classes=num_classes, train_images=train_images, size=size,
+                 similarity=similarity, recommended=recommended, reason=reason, first_strategies=first, space=space)
