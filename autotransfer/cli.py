@@ -149,8 +149,9 @@ def _run_search(config, backbone, cache) -> int:
     low, high = space.tap_range
     print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
           f" ({cache.nbytes / 2**20:.0f} MiB{f', forward pass {cache.seconds:.1f}s' if cache.seconds else ''})")
-    print(f"prior: {prior.get('quadrant', '?')}; taps {backbone.group_names[low - 1]}..{backbone.group_names[high - 1]},"
-          f" fine-tune at most {space.trainable_range} group(s) under the tap")
+    names = backbone.group_names
+    print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}, fine-tune at most "
+          f"{space.trainable_range} group(s) under the tap")
     bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
                dynamic_ncols=True, file=sys.stdout)
 

@@ -57,9 +57,22 @@ def _digits() -> tuple[list[Image.Image], list[str]]:
     return images, [str(t) for t in d.target]
 
 
+def _digits_shifted() -> tuple[list[Image.Image], list[str]]:
+    """Digits with a domain shift: inverted contrast (light background) and a seeded rotation of +-45 degrees."""
+    images, labels = _digits()
+    rng = np.random.default_rng(0)
+    shifted = []
+    for img in images:
+        inverted = Image.fromarray(255 - np.asarray(img), mode="L").resize((32, 32), Image.BILINEAR)
+        shifted.append(inverted.rotate(float(rng.uniform(-45, 45)), resample=Image.BILINEAR, fillcolor=255))
+    return shifted, labels
+
+
 EMBEDDED: dict[str, tuple[Callable[[], tuple[list[Image.Image], list[str]]], int, str]] = {
     # name -> (loader, default image size, description)
     "digits": (_digits, 64, "sklearn handwritten digits: 1,797 8x8 grayscale images, 10 classes"),
+    "digits_shifted": (_digits_shifted, 64, "the same digits inverted (dark on light) and rotated +-45 degrees: "
+                                            "a domain shift away from ImageNet's statistics"),
 }
 
 

@@ -42,3 +42,14 @@ def configure_threads(workers: int = 1) -> int:
     threads = max(1, cores // max(1, workers))
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run a block on `n` intra-op threads, then restore the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

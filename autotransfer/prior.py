@@ -150,7 +150,8 @@ def build_prior(cache: ActivationCache, *, max_epochs: int = 4, seed: int = 0) -
 
     common = dict(head="linear", optimizer="sgd", weight_decay=1e-4, seed=seed)
     probe = dict(lr=0.05, **common)
-    fine_tune = dict(lr=0.005, lp_ft=True, epochs=max_epochs, **common)
+    fine_tune = dict(lr=0.005, probe_epochs=30, epochs=max_epochs, **common)  # LP-FT, for large data
+    adapt = dict(lr=0.02, bn="frozen", epochs=max_epochs, **common)  # small data: short, BN statistics kept
     textbook = Strategy(tap=g, freeze=g, pool="avg", **probe)
     best_probe = Strategy(tap=best.group, freeze=best.group, pool="avgmax", **probe)
     per_class = f"{train_images / num_classes:.0f} training images per class"
@@ -179,8 +180,9 @@ def build_prior(cache: ActivationCache, *, max_epochs: int = 4, seed: int = 0) -
         textbook,
         best_probe,
         Strategy(tap=second.group, freeze=second.group, pool="avgmax", **probe),
-        Strategy(tap=best.group, freeze=best.group - depth, pool="avgmax", lr_ratio=0.3, **fine_tune),
-        Strategy(tap=best.group, freeze=best.group - 1, pool="avgmax", lr_ratio=1.0, **fine_tune),
+        Strategy(tap=best.group, freeze=best.group - depth, pool="avgmax", lr_ratio=0.3, **adapt),
+        Strategy(tap=second.group, freeze=second.group - min(depth, second.group), pool="avgmax", lr_ratio=0.3,
+                 **adapt),
     ]
     first = list(dict.fromkeys(candidates))  # de-duplicated, in order
     return Prior(scores=scores, num_classes=num_classes, train_images=train_images, size=size,

@@ -22,6 +22,7 @@ BN_MODES = ("train", "frozen")
 HEAD_ONLY_EPOCHS = 30  # a head on cached features costs milliseconds per epoch, so let it converge
 PROBE_LR = 0.05  # SGD LR of the linear probe that starts an LP-FT trial (BatchNorm'd inputs: robust)
 BATCH_SIZES = (64, 128)
+PROBE_EPOCHS = (0, 1, HEAD_ONLY_EPOCHS)  # random head / fast.ai's one frozen epoch / LP-FT's converged probe
 # Head LR ranges per optimizer: a head on frozen features takes large steps; a fine-tune needs small ones.
 LR_RANGES = {("sgd", False): (1e-3, 0.3), ("adamw", False): (1e-4, 1e-2),
              ("sgd", True): (1e-4, 0.05), ("adamw", True): (1e-5, 1e-3)}
@@ -44,7 +45,7 @@ class Strategy:
     l2sp_alpha: float = 0.0  # alpha/2 * ||w - w_pretrained||^2 on trainable backbone weights (0 = off)
     label_smoothing: float = 0.0  # softmax heads only
     bn: str = "frozen"  # BatchNorm of trainable groups: "train" (batch statistics) or "frozen" (running)
-    lp_ft: bool = False  # fit the head as a linear probe on cached features first, then fine-tune (LP-FT)
+    probe_epochs: int = 0  # head-only epochs on cached features before the backbone trains (30: LP-FT, 1: fast.ai)
     epochs: int = HEAD_ONLY_EPOCHS
     batch_size: int = 64
     seed: int = 0
@@ -64,6 +65,7 @@ class Strategy:
             (self.l2sp_alpha >= 0, f"l2sp_alpha must be >= 0, but got {self.l2sp_alpha}."),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.bn in BN_MODES, f"bn must be one of {BN_MODES}, but got bn={self.bn!r}."),
+            (self.probe_epochs >= 0, f"probe_epochs must be >= 0, but got {self.probe_epochs}."),
             (self.epochs >= 1, f"epochs must be >= 1, but got epochs={self.epochs}."),
             (self.batch_size >= 1, f"batch_size must be >= 1, but got batch_size={self.batch_size}."),
         ]
@@ -90,7 +92,8 @@ class Strategy:
             body = "backbone frozen"
         else:
             first = group_names[self.freeze] if group_names else f"group {self.freeze + 1}"
-            body = (f"fine-tune {first}..{where}{' after a linear probe' if self.lp_ft else ''} ({self.optimizer}, "
+            probe = f" after a {self.probe_epochs}-epoch probe" if self.probe_epochs else ""
+            body = (f"fine-tune {first}..{where}{probe} ({self.optimizer}, "
                     f"lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
                     f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}, {self.epochs} epochs)")
         return f"{self.head} head on {where} ({self.pool} pool), {body}"
@@ -155,7 +158,7 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
             l2sp_alpha=trial.suggest_float("l2sp_alpha", 1e-4, 1e-1, log=True)
             if trial.suggest_categorical("l2sp", (True, False)) else 0.0,
             bn=trial.suggest_categorical("bn", BN_MODES),
-            lp_ft=trial.suggest_categorical("lp_ft", (True, False)),
+            probe_epochs=trial.suggest_categorical("probe_epochs", PROBE_EPOCHS),
         )
     return Strategy(**params)
 
@@ -173,7 +176,7 @@ def enqueue_params(strategy: Strategy) -> dict[str, Any]:
     if s.head != "svm":
         p["label_smoothing"] = s.label_smoothing
     if fine_tune:
-        p.update(epochs=s.epochs, lr_ratio=s.lr_ratio, l2sp=s.l2sp_alpha > 0, bn=s.bn, lp_ft=s.lp_ft)
+        p.update(epochs=s.epochs, lr_ratio=s.lr_ratio, l2sp=s.l2sp_alpha > 0, bn=s.bn, probe_epochs=s.probe_epochs)
         if s.l2sp_alpha > 0:
             p["l2sp_alpha"] = s.l2sp_alpha
     return p

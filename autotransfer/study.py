@@ -20,10 +20,10 @@ import torch
 from optuna.trial import TrialState
 
 from autotransfer.backbones import Backbone
+from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.model import TransferModel, build_model
-from autotransfer.device import pick_device
 from autotransfer.prior import build_prior
 from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
 from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial

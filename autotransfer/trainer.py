@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from autotransfer.backbones import Backbone
+from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import ActivationCache
 from autotransfer.heads import head_loss
 from autotransfer.model import TransferModel, build_model
-from autotransfer.device import autocast
-from autotransfer.strategy import HEAD_ONLY_EPOCHS, PROBE_LR, Strategy
+from autotransfer.strategy import PROBE_LR, Strategy
 
 Report = Callable[[int, float], None]
 
@@ -118,36 +118,39 @@ def _to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _probe_head(model: TransferModel, strategy: Strategy, backbone: Backbone, cache: ActivationCache,
-                device: torch.device) -> None:
-    """LP-FT's first step: fit the head as a linear probe on the cached tapped features, then fine-tune.
+                device: torch.device, use_cache: bool = True) -> None:
+    """Train the head alone for `probe_epochs` on the cached tapped features, before the backbone trains.
 
-    A random head's gradients wreck pretrained features in the first steps; a fitted one does not
-    (Kumar et al., 2022). On cached vectors the probe costs about a second.
+    A random head's gradients wreck pretrained features in the first steps; a fitted one does not (LP-FT,
+    Kumar et al., 2022, with a converged probe; fast.ai's `fine_tune` with one frozen epoch). On cached
+    vectors the probe costs about a second.
     """
-    probe = dataclasses.replace(strategy, freeze=strategy.tap, epochs=HEAD_ONLY_EPOCHS, optimizer="sgd", lr=PROBE_LR,
-                                l2sp_alpha=0.0, lp_ft=False)
-    fitted = train_trial(probe, backbone, cache, device=device).model
+    probe = dataclasses.replace(strategy, freeze=strategy.tap, epochs=strategy.probe_epochs, optimizer="sgd",
+                                lr=PROBE_LR, l2sp_alpha=0.0, probe_epochs=0)
+    fitted = train_trial(probe, backbone, cache, device=device, use_cache=use_cache).model
     model.head.load_state_dict(fitted.head.state_dict())
 
 
-def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *,
-                report: Report | None = None, device: torch.device | str = "cpu") -> TrialResult:
+def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, report: Report | None = None,
+                device: torch.device | str = "cpu", use_cache: bool = True) -> TrialResult:
     """Train `strategy` from the activations at boundary `freeze`; return the final validation accuracy.
 
     `report(epoch, val_accuracy)` is called after every fine-tuning epoch (epoch counts from 1); head-only
     trials take about a second and report nothing, so a pruner only ever stops expensive trials.
+    `use_cache=False` runs every batch through the whole model from the images instead (the naive
+    baseline of `benchmarks/search_speed.py`); the training itself is the same.
     """
     start_time = time.perf_counter()
     s = strategy
     device = torch.device(device)
     torch.manual_seed(s.seed)
     model = build_model(s, backbone, len(cache.data.classes)).to(device, memory_format=torch.channels_last)
-    if s.trains_backbone:
-        start = s.freeze
+    if s.trains_backbone or not use_cache:
+        start = s.freeze if use_cache else 0
         x_train, y_train = cache.split(start, "train")
         x_val, y_val = cache.split(start, "val")
-        if s.lp_ft:
-            _probe_head(model, s, backbone, cache, device)
+        if s.probe_epochs:
+            _probe_head(model, s, backbone, cache, device, use_cache)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return model.forward_from(x, start)
@@ -155,7 +158,16 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
         x_train, y_train = cache.pooled(s.tap, s.pool, "train")
         x_val, y_val = cache.pooled(s.tap, s.pool, "val")
         forward = model.head
+        if device.type == "cpu":  # tiny matrix products: one thread beats two that wait on each other
+            with threads(1):
+                return _fit(model, forward, s, x_train, y_train, x_val, y_val, device, report, start_time)
+    return _fit(model, forward, s, x_train, y_train, x_val, y_val, device, report, start_time)
 
+
+def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], s: Strategy, x_train: torch.Tensor,
+         y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, device: torch.device,
+         report: Report | None, start_time: float) -> TrialResult:
+    """The training loop shared by head-only and fine-tuning trials."""
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
     optimizer = _optimizer(param_groups(model, s), s)
     steps_per_epoch = math.ceil(len(x_train) / s.batch_size)

@@ -28,7 +28,7 @@ def test_space_is_conditional_and_covers_the_textbook_ranges():
     for s, params in samples:
         assert ("mlp_hidden" in params) == (s.head == "mlp")
         assert ("lr_ratio" in params) == s.trains_backbone
-        assert ("lp_ft" in params) == s.trains_backbone
+        assert ("probe_epochs" in params) == s.trains_backbone
         lr_name = f"{'ft_' if s.trains_backbone else ''}lr_{s.optimizer}"
         assert [k for k in params if "lr_" in k and k != "lr_ratio"] == [lr_name]
         assert ("label_smoothing" in params) == (s.head != "svm")
@@ -39,14 +39,14 @@ def test_space_is_conditional_and_covers_the_textbook_ranges():
     assert {s.head for s, _ in samples} == {"linear", "svm", "mlp"}
     assert {s.optimizer for s, _ in samples} == {"sgd", "adamw"}
     assert {s.bn for s, _ in samples if s.trains_backbone} == {"train", "frozen"}
-    assert any(s.l2sp_alpha > 0 for s, _ in samples) and any(s.lp_ft for s, _ in samples)
+    assert any(s.l2sp_alpha > 0 for s, _ in samples) and any(s.probe_epochs for s, _ in samples)
 
 
 @pytest.mark.parametrize("strategy", [
     Strategy(tap=9, freeze=9, pool="avg", lr=0.05),
-    Strategy(tap=6, freeze=4, pool="avgmax", lr=0.005, lr_ratio=0.3, lp_ft=True, epochs=4, seed=3),
+    Strategy(tap=6, freeze=4, pool="avgmax", lr=0.005, lr_ratio=0.3, probe_epochs=30, epochs=4, seed=3),
     Strategy(tap=4, freeze=1, head="mlp", mlp_hidden=256, dropout=0.3, lr=0.001, lr_ratio=0.01, optimizer="adamw",
-             l2sp_alpha=0.01, bn="train", lp_ft=True, epochs=3, label_smoothing=0.1),
+             l2sp_alpha=0.01, bn="train", probe_epochs=30, epochs=3, label_smoothing=0.1),
     Strategy(tap=2, freeze=2, head="svm", lr=0.1),
 ])
 def test_enqueue_params_reproduce_the_strategy(strategy):

@@ -4,8 +4,8 @@ import pytest
 from autotransfer.data import load_data
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
-from autotransfer.report import COLUMNS, leaderboard
 from autotransfer.prior import build_prior
+from autotransfer.report import COLUMNS, leaderboard
 from autotransfer.strategy import Strategy
 from autotransfer.study import StudyConfig, best_trial, default_storage, finished_trials, open_study, run_study
 
