@@ -153,7 +153,7 @@ def _run_search(config, backbone, cache) -> int:
     print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}, fine-tune at most "
           f"{space.trainable_range} group(s) under the tap")
     bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
-               dynamic_ncols=True, file=sys.stdout)
+               dynamic_ncols=True, file=sys.stdout, disable=None)  # no bar when stdout is not a terminal
 
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in FINISHED:
@@ -162,9 +162,10 @@ def _run_search(config, backbone, cache) -> int:
             if "strategy" in trial.user_attrs else ""
         value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
         reason = trial.user_attrs.get("fail_reason")
-        bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}  "
-                  f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
         best = best_trial(study)
+        best_text = f"{best.value:.4f}" if best is not None else "  -   "
+        bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value} (best {best_text})  "
+                  f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
         if best is not None:
             bar.set_postfix_str(f"best {best.value:.4f} (trial {best.number})")
 

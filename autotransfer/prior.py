@@ -12,6 +12,7 @@ search: taps far below the best probe are not searched, and small data fine-tune
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -185,5 +186,8 @@ def build_prior(cache: ActivationCache, *, max_epochs: int = 4, seed: int = 0) -
                  **adapt),
     ]
     first = list(dict.fromkeys(candidates))  # de-duplicated, in order
+    taps = kept + [s.tap for s in first]  # the space holds every enqueued strategy
+    space = dataclasses.replace(space, min_tap=min(taps), max_tap=max(taps), max_trainable=space.max_trainable and
+                                max([space.max_trainable] + [s.tap - s.freeze for s in first]))
     return Prior(scores=scores, num_classes=num_classes, train_images=train_images, size=size,
                  similarity=similarity, recommended=recommended, reason=reason, first_strategies=first, space=space)

@@ -87,3 +87,9 @@ def test_corrupt_image_is_skipped_when_others_remain(tmp_path, caplog):
     d = load_data(str(tmp_path), image_size=16)
     assert len(d.labels) == 10
     assert "broken.png" in caplog.text
+
+
+def test_digits_shifted_is_the_same_digits_inverted():
+    plain, shifted = load_data("digits", image_size=32), load_data("digits_shifted", image_size=32)
+    assert torch.equal(plain.labels, shifted.labels) and plain.classes == shifted.classes
+    assert plain.images.float().mean() < 80 and shifted.images.float().mean() > 170, "dark on light"

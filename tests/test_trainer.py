@@ -131,3 +131,13 @@ def test_nan_loss_raises_training_diverged(tiny, tiny_cache):
     tiny_cache.boundary(2)[:] = float("nan")
     with pytest.raises(TrainingDiverged, match="loss became nan"):
         train_trial(Strategy(tap=2, freeze=2, epochs=2), tiny, tiny_cache)
+
+
+def test_the_uncached_path_trains_the_same_model(tiny, tiny_cache):
+    """`use_cache=False` (the speed benchmark's naive loop) runs every layer from the images: same result."""
+    for s in (Strategy(tap=2, freeze=2, epochs=5), Strategy(**FINE_TUNE)):
+        cached = train_trial(s, tiny, tiny_cache)
+        naive = train_trial(s, tiny, tiny_cache, use_cache=False)
+        assert abs(cached.val_accuracy - naive.val_accuracy) <= 0.01
+        for a, b in zip(cached.model.state_dict().values(), naive.model.state_dict().values(), strict=True):
+            assert torch.allclose(a.float(), b.float(), atol=1e-3)

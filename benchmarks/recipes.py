@@ -1,0 +1,111 @@
+"""The searched strategy against fixed transfer recipes, on the same split, per data set.
+
+For each data set (the embedded default, and `digits_shifted`: inverted contrast and rotation, a real
+domain shift built from sklearn's digits) this runs a budget-50 search and exports its best model
+(test accuracy through onnxruntime), then trains five fixed recipes on the same split:
+
+  (a) linear classifier on the final features      (b) the same on the best earlier group (ridge probe)
+  (c) fast.ai-style: one frozen epoch, then all layers with a 100x LR spread (AdamW)
+  (d) full fine-tune, SGD lr 0.01 momentum 0.9 wd 1e-4  (e) the quadrant recipe alone (`autotransfer recommend`)
+
+    python benchmarks/recipes.py [--budget 50] [--data digits digits_shifted]
+
+Last line: margin=<search test acc - best recipe test acc> (worst over data sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import torch
+
+from autotransfer.backbones import get_backbone
+from autotransfer.data import load_data
+from autotransfer.device import configure_threads
+from autotransfer.features import ActivationCache
+from autotransfer.pipeline import finish_study
+from autotransfer.prior import build_prior
+from autotransfer.strategy import Strategy
+from autotransfer.study import StudyConfig, default_storage, open_study, run_study
+from autotransfer.trainer import accuracy, train_trial
+
+FINE_TUNE_EPOCHS = 4
+
+
+def recipes(prior, num_groups: int) -> dict[str, Strategy]:
+    g = num_groups
+    earlier = max((s for s in prior.scores if s.group < g), key=lambda s: (s.probe_accuracy, s.logme))
+    head = dict(head="linear", pool="avg", optimizer="sgd", lr=0.05, weight_decay=1e-4)
+    return {
+        "(a) linear on final features": Strategy(tap=g, freeze=g, **head),
+        f"(b) linear on {earlier.name}": Strategy(tap=earlier.group, freeze=earlier.group, **head),
+        "(c) fast.ai-style fine-tune": Strategy(tap=g, freeze=0, head="linear", pool="avg", optimizer="adamw",
+                                               lr=1e-3, lr_ratio=0.01, weight_decay=1e-2, bn="train",
+                                               probe_epochs=1, epochs=FINE_TUNE_EPOCHS),
+        "(d) full fine-tune, SGD 0.01": Strategy(tap=g, freeze=0, head="linear", pool="avg", optimizer="sgd",
+                                                lr=0.01, lr_ratio=1.0, weight_decay=1e-4, bn="train",
+                                                epochs=FINE_TUNE_EPOCHS),
+        "(e) quadrant recipe": prior.recommended,
+    }
+
+
+def test_accuracy(strategy: Strategy, backbone, cache: ActivationCache) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    result = train_trial(strategy, backbone, cache)
+    x, y = cache.split(0, "test")
+    return result.val_accuracy, accuracy(result.model, x, y), time.perf_counter() - start
+
+
+def run(name: str, budget: int, folder: Path) -> tuple[pd.DataFrame, float]:
+    backbone, data = get_backbone("efficientnet_lite0"), load_data(name)
+    folder.mkdir(parents=True)
+    cache = ActivationCache(backbone, data, folder=folder / "cache")
+    rows = []
+    start = time.perf_counter()
+    config = StudyConfig(study_name=name, storage=default_storage(folder), out=folder, budget=budget)
+    study = run_study(config, backbone, cache, study=open_study(config, backbone=backbone,
+                                                                 data_fingerprint=data.fingerprint))
+    exported = finish_study(study, config, backbone, cache)
+    m = exported.metrics
+    rows.append({"data": name, "method": f"search, budget {budget} (exported ONNX)", "val": m["val_accuracy"],
+                 "test": m["test_accuracy"], "seconds": time.perf_counter() - start})
+    prior = build_prior(cache)
+    print(f"{name}: quadrant {prior.quadrant}; search best: "
+          f"trial {m['trial']} val {m['val_accuracy']:.4f} test {m['test_accuracy']:.4f}", flush=True)
+    for label, strategy in recipes(prior, backbone.num_groups).items():
+        val, test, seconds = test_accuracy(strategy, backbone, cache)
+        rows.append({"data": name, "method": label, "val": val, "test": test, "seconds": seconds})
+        print(f"  {label:34s} val {val:.4f} test {test:.4f} ({seconds:.0f}s)", flush=True)
+    table = pd.DataFrame(rows)
+    margin = table["test"].iloc[0] - table["test"].iloc[1:].max()
+    return table, margin
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument("--data", nargs="+", default=["digits", "digits_shifted"])
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    configure_threads()
+    torch.manual_seed(0)
+    tables, margins = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.data:
+            table, margin = run(name, args.budget, Path(tmp) / name)
+            tables.append(table)
+            margins.append(margin)
+    print()
+    print(pd.concat(tables).to_markdown(index=False, floatfmt=".4f"))
+    for name, margin in zip(args.data, margins, strict=True):
+        print(f"{name}: margin {margin:+.4f}")
+    print(f"margin={min(margins):.4f}")
+
+
+if __name__ == "__main__":
+    main()
