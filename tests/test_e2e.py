@@ -39,6 +39,20 @@ def test_rerun_continues_the_study_to_the_new_budget(search_run):
     assert proc.returncode == 0, proc.stderr[-2000:]
     board = pd.read_csv(out / "leaderboard.csv")
     assert sorted(board.trial) == list(range(len(board))) and len(board[board.state != "fail"]) == 11
+    assert f"loaded from {out / 'cache'}" in proc.stdout, "the resumed study reuses the persisted activations"
+
+
+def test_recommend_places_digits_small_and_different(search_run):
+    out, _ = search_run
+    proc = subprocess.run([sys.executable, "-m", "autotransfer", "recommend", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "quadrant: small & different" in proc.stdout
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("|") and "---" not in line]
+    table = pd.DataFrame([[c.strip() for c in r[1:-1]] for r in rows[1:]], columns=[c.strip() for c in rows[0][1:-1]])
+    probe = table.probe_val_acc.astype(float)
+    assert probe.iloc[-1] < probe.max() - 0.01, "an earlier group beats the final features on digits"
+    assert f"recommended: linear head on {table.name[probe.idxmax()]}" in proc.stdout
 
 
 def test_predict_cli_on_exported_model(search_run, tmp_path):

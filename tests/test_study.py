@@ -1,3 +1,5 @@
+import dataclasses
+
 import optuna
 import pytest
 
@@ -77,3 +79,18 @@ def test_leaderboard_is_sorted_and_ranks_only_complete_trials(tmp_path, tiny, ti
     assert list(complete["rank"]) == list(range(1, len(complete) + 1))
     assert board[board.state != "complete"]["rank"].isna().all()
     assert board.iloc[0].trial == best_trial(study).number
+
+
+def test_a_hopeless_fine_tuning_trial_stops_after_its_first_epoch(tmp_path, tiny, tiny_cache, monkeypatch):
+    from autotransfer import study as study_module
+
+    good = Strategy(tap=3, freeze=2, lr=0.05, epochs=3)
+    hopeless = Strategy(tap=3, freeze=2, lr=1e-4, epochs=3, head="svm")  # a random head that barely moves
+    prior = build_prior(tiny_cache, max_epochs=3)
+    monkeypatch.setattr(study_module, "build_prior",
+                        lambda *a, **k: dataclasses.replace(prior, first_strategies=[good, hopeless]))
+    study = run_study(_config(tmp_path, 2), tiny, tiny_cache)
+    first, second = study.trials
+    assert first.state == optuna.trial.TrialState.COMPLETE and len(first.intermediate_values) == 3
+    assert second.state == optuna.trial.TrialState.PRUNED and list(second.intermediate_values) == [1]
+    assert second.user_attrs["epochs_run"] == 1 and second.intermediate_values[1] < first.intermediate_values[1]
