@@ -81,12 +81,18 @@ class ActivationCache:
         self.seconds = 0.0  # time of the forward pass (0 when loaded)
         self._boundaries: dict[int, torch.Tensor] = {}
         self._pooled: dict[tuple[int, str], torch.Tensor] = {}
+        self._images: torch.Tensor | None = None
 
     # -- reading ---------------------------------------------------------------------------------
     def boundary(self, k: int) -> torch.Tensor:
-        """Activations entering group `k + 1` for every image, rows in split order (see `rows`)."""
+        """Activations entering group `k + 1` for every image, rows in split order (see `order`).
+
+        Boundary 0 is the uint8 images themselves (4x smaller than floats); `as_input` normalises a batch.
+        """
         if k == 0:
-            return normalise(self.data.images[self.order], self.backbone.mean, self.backbone.std)
+            if self._images is None:
+                self._images = self.data.images[self.order]
+            return self._images
         if not self._boundaries:
             self._load_or_compute()
         return self._boundaries[k]
@@ -95,13 +101,19 @@ class ActivationCache:
         """(activations, labels) of one split at boundary `k`; activations in their storage dtype."""
         return self.boundary(k)[self.slices[split]], self.labels[self.slices[split]]
 
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stored rows of any boundary -> float32 model input (uint8 images are normalised here)."""
+        if x.dtype == torch.uint8:
+            return normalise(x, self.backbone.mean, self.backbone.std)
+        return x.float()
+
     def pooled(self, k: int, pool: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Globally pooled float32 vectors of boundary `k` (memoised: every head-only trial reuses them)."""
         if (k, pool) not in self._pooled:
             x = self.boundary(k)
             pooling = GlobalPool(pool)
             with torch.no_grad():
-                self._pooled[k, pool] = torch.cat([pooling(x[i:i + 512].float()) for i in range(0, len(x), 512)])
+                self._pooled[k, pool] = torch.cat([pooling(self.as_input(x[i:i + 512])) for i in range(0, len(x), 512)])
         return self._pooled[k, pool][self.slices[split]], self.labels[self.slices[split]]
 
     @property

@@ -83,12 +83,13 @@ def _optimizer(groups: list[dict], strategy: Strategy) -> torch.optim.Optimizer:
 
 @torch.no_grad()
 def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-             device: torch.device | str = "cpu", batch_size: int = 256) -> float:
+             cache: ActivationCache, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
+    """Top-1 accuracy of `forward` on stored rows `x` of `cache` (any boundary, any stored dtype)."""
     correct = 0
     device = torch.device(device)
     for i in range(0, len(x), batch_size):
         with autocast(device):
-            logits = forward(_to_input(x[i:i + batch_size], device))
+            logits = forward(_to_input(x[i:i + batch_size], device, cache))
         correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
     return correct / max(1, len(x))
 
@@ -111,9 +112,12 @@ def _set_train_mode(model: TransferModel, strategy: Strategy) -> None:
                     m.momentum = None  # cumulative average over the epoch
 
 
-def _to_input(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Stored activations (float16/float32, maybe memory-mapped) -> float32 on `device`, channels_last if 4-D."""
-    x = x.to(device, dtype=torch.float32, non_blocking=True)
+def _to_input(x: torch.Tensor, device: torch.device, cache: ActivationCache) -> torch.Tensor:
+    """Stored rows (uint8 images, float16/32 activations, maybe memory-mapped) -> float32 input on `device`.
+
+    The stored dtype crosses to the device (half or a quarter of the bytes), conversion happens there.
+    """
+    x = cache.as_input(x.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
@@ -160,14 +164,15 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
         forward = model.head
         if device.type == "cpu":  # tiny matrix products: one thread beats two that wait on each other
             with threads(1):
-                return _fit(model, forward, s, x_train, y_train, x_val, y_val, device, report, start_time)
-    return _fit(model, forward, s, x_train, y_train, x_val, y_val, device, report, start_time)
+                return _fit(model, forward, s, cache, (x_train, y_train), (x_val, y_val), device, report, start_time)
+    return _fit(model, forward, s, cache, (x_train, y_train), (x_val, y_val), device, report, start_time)
 
 
-def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], s: Strategy, x_train: torch.Tensor,
-         y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, device: torch.device,
+def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], s: Strategy, cache: ActivationCache,
+         train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], device: torch.device,
          report: Report | None, start_time: float) -> TrialResult:
     """The training loop shared by head-only and fine-tuning trials."""
+    (x_train, y_train), (x_val, y_val) = train, val
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
     optimizer = _optimizer(param_groups(model, s), s)
     steps_per_epoch = math.ceil(len(x_train) / s.batch_size)
@@ -187,7 +192,7 @@ def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], 
             if len(idx) < 2 and i > 0:  # BatchNorm cannot train on a single example
                 continue
             with autocast(device):
-                loss = criterion(forward(_to_input(x_train[idx], device)).float(), y_train[idx.to(device)])
+                loss = criterion(forward(_to_input(x_train[idx], device, cache)).float(), y_train[idx.to(device)])
             if s.trains_backbone and s.l2sp_alpha > 0:
                 loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
             if not torch.isfinite(loss):
@@ -197,7 +202,7 @@ def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], 
             optimizer.step()
             scheduler.step()
         model.eval()
-        history.append(accuracy(forward, x_val, y_val, device))
+        history.append(accuracy(forward, x_val, y_val, cache, device))
         if report is not None and s.trains_backbone:
             report(epoch, history[-1])
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)

@@ -58,7 +58,7 @@ def test_accuracy(strategy: Strategy, backbone, cache: ActivationCache) -> tuple
     start = time.perf_counter()
     result = train_trial(strategy, backbone, cache)
     x, y = cache.split(0, "test")
-    return result.val_accuracy, accuracy(result.model, x, y), time.perf_counter() - start
+    return result.val_accuracy, accuracy(result.model, x, y, cache), time.perf_counter() - start
 
 
 def run(name: str, budget: int, folder: Path) -> tuple[pd.DataFrame, float]:
