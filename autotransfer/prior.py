@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from autotransfer.features import ActivationCache
-from autotransfer.strategy import SearchSpace, Strategy
+from autotransfer.strategy import HEAD_ONLY_EPOCHS, SearchSpace, Strategy
 
 SMALL_PER_CLASS = 1000  # training images per class below which data counts as "small"
 SIMILAR_MARGIN = 0.01  # final features within 1 point of the best group's probe: "similar"
@@ -159,7 +159,7 @@ def build_prior(cache: ActivationCache, *, max_epochs: int = 4, seed: int = 0) -
 
     common = dict(head="linear", optimizer="sgd", weight_decay=1e-4, seed=seed)
     probe = dict(lr=0.05, **common)
-    fine_tune = dict(lr=0.005, probe_epochs=30, epochs=max_epochs, **common)  # LP-FT, for large data
+    fine_tune = dict(lr=0.005, probe_epochs=HEAD_ONLY_EPOCHS, epochs=max_epochs, **common)  # LP-FT, for large data
     adapt = dict(lr=0.02, bn="frozen", epochs=max_epochs, **common)  # small data: short, BN statistics kept
     textbook = Strategy(tap=g, freeze=g, pool="avg", **probe)
     best_probe = Strategy(tap=best.group, freeze=best.group, pool="avgmax", **probe)

@@ -44,9 +44,9 @@ def test_space_is_conditional_and_covers_the_textbook_ranges():
 
 @pytest.mark.parametrize("strategy", [
     Strategy(tap=9, freeze=9, pool="avg", lr=0.05),
-    Strategy(tap=6, freeze=4, pool="avgmax", lr=0.005, lr_ratio=0.3, probe_epochs=30, epochs=4, seed=3),
+    Strategy(tap=6, freeze=4, pool="avgmax", lr=0.005, lr_ratio=0.3, probe_epochs=15, epochs=4, seed=3),
     Strategy(tap=4, freeze=1, head="mlp", mlp_hidden=256, dropout=0.3, lr=0.001, lr_ratio=0.01, optimizer="adamw",
-             l2sp_alpha=0.01, bn="train", probe_epochs=30, epochs=3, label_smoothing=0.1),
+             l2sp_alpha=0.01, bn="train", probe_epochs=15, epochs=3, label_smoothing=0.1),
     Strategy(tap=2, freeze=2, head="svm", lr=0.1),
 ])
 def test_enqueue_params_reproduce_the_strategy(strategy):

@@ -107,7 +107,7 @@ def test_cache_key_separates_data_sets_and_a_damaged_cache_is_recomputed(tiny, d
 def test_a_probe_starts_fine_tuning_from_a_fitted_head(tiny, tiny_cache):
     slow = dict(FINE_TUNE, lr=1e-6, epochs=1, bn="frozen")
     probe = train_trial(Strategy(tap=3, freeze=3), tiny, tiny_cache).val_accuracy
-    with_probe = train_trial(Strategy(**slow, probe_epochs=30), tiny, tiny_cache).val_accuracy
+    with_probe = train_trial(Strategy(**slow, probe_epochs=15), tiny, tiny_cache).val_accuracy
     without = train_trial(Strategy(**slow), tiny, tiny_cache).val_accuracy
     assert with_probe > 0.8 * probe and without < 0.5 * probe
 
