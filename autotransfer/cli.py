@@ -20,6 +20,13 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line that names the fix (the usage is one `--help` away), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 class _Command:
     """Base: `add_arguments` declares flags, `run` does the work and returns an exit code."""
 
@@ -66,13 +73,21 @@ class _Search(_Command):
                             help="most epochs of a fine-tuning trial (default: 6)")
         parser.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
                             help="input size in pixels (default: per data set, 64 for digits)")
+        parser.add_argument("--workers", type=_positive_int("--workers"), default=1,
+                            help="worker processes on this machine, sharing the CPU threads (default: 1)")
+        parser.add_argument("--heartbeat", type=_positive_int("--heartbeat"), default=None,
+                            help="seconds between a running trial's heartbeats; a trial silent for 3 of them "
+                                 "(its process died) is failed and run again (default: 10)")
 
     def run(self, args: argparse.Namespace) -> int:
         from autotransfer.backbones import get_backbone
         from autotransfer.data import load_data
         from autotransfer.features import ActivationCache
+        from autotransfer.storage import DEFAULT_HEARTBEAT
         from autotransfer.study import StudyConfig, default_storage
+        from autotransfer.workers import stop_on_sigterm
 
+        stop_on_sigterm()
         data = load_data(args.data, image_size=args.image_size, seed=args.seed)
         backbone = get_backbone(args.backbone, args.weights)
         name = args.study_name or data.name
@@ -87,23 +102,38 @@ class _Search(_Command):
             raise ConfigError(f"Output folder {str(out)!r} is not writable ({e.strerror}); pass --out with a "
                               "folder you can write to.") from None
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
-                             budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout)
+                             budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout,
+                             heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
+        shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         try:
-            return _run_search(config, backbone, ActivationCache(backbone, data))
+            return _run_search(config, backbone, ActivationCache(backbone, data), workers=args.workers,
+                               reseed=shared)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
             raise
 
 
-def _run_search(config, backbone, cache) -> int:
+def trial_line(trial, backbone) -> str:
+    """One line per finished trial: number, state, accuracy, seconds, strategy, and why it failed."""
+    from autotransfer.strategy import Strategy
+
+    described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
+        if "strategy" in trial.user_attrs else ""
+    value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
+    reason = trial.user_attrs.get("fail_reason")
+    return (f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}  "
+            f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
+
+
+def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False) -> int:
     import optuna
     from tqdm.auto import tqdm
 
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
-    from autotransfer.strategy import Strategy
-    from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study
+    from autotransfer.study import FINISHED, best_trial, enqueue_defaults, finished_trials, open_study, run_study
+    from autotransfer.workers import diversify_sampler, run_workers, threads_per_worker
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     data = cache.data
@@ -112,28 +142,31 @@ def _run_search(config, backbone, cache) -> int:
           f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
     print(f"study {config.study_name!r} in {config.storage}")
     bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
-               dynamic_ncols=True, file=sys.stdout)
+               dynamic_ncols=True, file=sys.stdout, disable=workers > 1)
 
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in FINISHED:
             bar.update(1)
-        described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
-            if "strategy" in trial.user_attrs else ""
-        value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
-        reason = trial.user_attrs.get("fail_reason")
-        bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}  "
-                  f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
+        bar.write(trial_line(trial, backbone))
         best = best_trial(study)
         if best is not None:
             bar.set_postfix_str(f"best {best.value:.4f} (trial {best.number})")
 
     try:
-        study = run_study(config, backbone, cache, study=study, on_trial=on_trial)
+        if workers == 1:
+            if reseed:
+                diversify_sampler(study)
+            study = run_study(config, backbone, cache, study=study, on_trial=on_trial)
+        else:
+            enqueue_defaults(study, config, backbone)
+            print(f"{workers} worker processes, {threads_per_worker(workers)} CPU thread(s) each")
+            run_workers(config, backbone, data, workers=workers, reseed=reseed)
     except KeyboardInterrupt:
         bar.close()
         write_leaderboard(leaderboard(study), config.out)
-        print(f"\nInterrupted. {finished_trials(study)} of {config.budget} trials finished and are stored in "
-              f"{config.storage}; run the same command again to continue.", file=sys.stderr)
+        print(f"\nInterrupted: the running trial is marked failed ('interrupted') and queued to run again. "
+              f"{finished_trials(study)} of {config.budget} trials finished and are stored in {config.storage}; "
+              "run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
     result = finish_study(study, config, backbone, cache)
@@ -207,7 +240,7 @@ _COMMANDS: dict[str, type[_Command]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     description = "Search how to transfer a pretrained CNN to your images; ship the winner as ONNX."
-    parser = argparse.ArgumentParser(prog="autotransfer", description=description)
+    parser = _Parser(prog="autotransfer", description=description)
     parser.add_argument("--version", action="version", version=f"autotransfer {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
