@@ -55,6 +55,14 @@ def _driver_hint(url: str) -> str:
     return ""
 
 
+def _sqlalchemy_url(url: str) -> str:
+    """postgresql:// and postgres:// mean the psycopg 3 driver (the `postgres` extra), whatever SQLAlchemy's default."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
 def open_storage(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.BaseStorage:
     """An RDB storage with heartbeats and retry of lost trials for any SQLAlchemy URL; others as Optuna opens them.
 
@@ -69,7 +77,7 @@ def open_storage(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.stor
     try:
         with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _HeartbeatStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+            return _HeartbeatStorage(_sqlalchemy_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                               grace_period=GRACE_INTERVALS * heartbeat,
                               heartbeat_stale_trial_callback=_RetryLostTrial())
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types

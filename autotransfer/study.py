@@ -166,7 +166,7 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         started = time.perf_counter()
         try:
             return _train(trial)
-        except _NotRun:
+        except (_NotRun, optuna.TrialPruned):
             raise
         except _TRIAL_ERRORS as e:  # fails this trial alone (see `catch`)
             trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
