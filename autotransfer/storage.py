@@ -82,7 +82,8 @@ def open_storage(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.stor
                               heartbeat_stale_trial_callback=_RetryLostTrial())
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
         detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        raise ConfigError(f"Storage URL {url!r} cannot be opened ({type(e).__name__}: {detail}){_driver_hint(url)}; "
+        hint = _driver_hint(url) if isinstance(e, ImportError) else ""
+        raise ConfigError(f"Storage URL {url!r} cannot be opened ({type(e).__name__}: {detail}){hint}; "
                           "pass an Optuna storage URL such as sqlite:///study.db or "
                           "postgresql://user:pass@host/db.") from None
 
