@@ -164,7 +164,7 @@ def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fal
     except KeyboardInterrupt:
         bar.close()
         write_leaderboard(leaderboard(study), config.out)
-        print(f"\nInterrupted: the running trial is marked failed ('interrupted') and queued to run again. "
+        print(f"\nInterrupted: the running trial(s) are marked failed ('interrupted') and queued to run again. "
               f"{finished_trials(study)} of {config.budget} trials finished and are stored in {config.storage}; "
               "run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED

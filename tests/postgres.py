@@ -35,9 +35,10 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def server(bindir: Path) -> Iterator[str]:
     """Start a fresh cluster (trust auth, loopback only, no fsync) and yield its SQLAlchemy URL; stop and remove it."""
-    root = Path(tempfile.mkdtemp(prefix="autotransfer-pg-"))
+    as_root = os.geteuid() == 0
+    root = Path(tempfile.mkdtemp(prefix="autotransfer-pg-", dir="/tmp" if as_root else None))  # postgres must reach it
     prefix: list[str] = []
-    if os.geteuid() == 0:
+    if as_root:
         user = pwd.getpwnam("postgres")
         os.chown(root, user.pw_uid, user.pw_gid)
         prefix = ["runuser", "-u", "postgres", "--"]

@@ -230,6 +230,7 @@ def test_a_broken_trial_stays_alone(tmp_path, tiny, tiny_cache, monkeypatch):
     assert [notes[i] for i in range(6)] == [r[:120] for r in reasons]
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_past_the_shared_budget_is_not_run(tmp_path):
     """The race two workers can have for the last slot: the later-numbered trial gives way."""
     study = optuna.create_study(storage=open_storage(default_storage(tmp_path)), study_name="race")
