@@ -85,9 +85,8 @@ class _Search(_Command):
         from autotransfer.features import ActivationCache
         from autotransfer.storage import DEFAULT_HEARTBEAT
         from autotransfer.study import StudyConfig, default_storage
-        from autotransfer.workers import stop_on_sigterm
+        from autotransfer.workers import sigterm_as_interrupt
 
-        stop_on_sigterm()
         data = load_data(args.data, image_size=args.image_size, seed=args.seed)
         backbone = get_backbone(args.backbone, args.weights)
         name = args.study_name or data.name
@@ -106,8 +105,9 @@ class _Search(_Command):
                              heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         try:
-            return _run_search(config, backbone, ActivationCache(backbone, data), workers=args.workers,
-                               reseed=shared)
+            with sigterm_as_interrupt():
+                return _run_search(config, backbone, ActivationCache(backbone, data), workers=args.workers,
+                                   reseed=shared)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)

@@ -8,9 +8,12 @@ computes the activations its trials need in its own memory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import NoReturn
 
 import torch
@@ -37,9 +40,20 @@ def _interrupt(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt
 
 
-def stop_on_sigterm() -> None:
-    """Treat SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C: mark the running trial and stop."""
-    signal.signal(signal.SIGTERM, _interrupt)
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (a scheduler's or `kill`'s stop) like Ctrl-C: mark the running trial and stop.
+
+    The previous handler comes back afterwards; off the main thread (where Python allows no handlers) it is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def diversify_sampler(study) -> None:
@@ -62,24 +76,24 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
     from autotransfer.features import ActivationCache
     from autotransfer.study import open_study, run_study
 
-    stop_on_sigterm()  # the parent forwards Ctrl-C once, as SIGTERM (SIGINT is ignored here)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     torch.set_num_threads(threads_per_worker(workers))
-    try:
-        study = open_study(config, backbone=backbone, data_fingerprint=data.fingerprint)
-        if reseed or index > 0:
-            diversify_sampler(study)
+    with sigterm_as_interrupt():  # the parent forwards Ctrl-C once, as SIGTERM (SIGINT is ignored here)
+        try:
+            study = open_study(config, backbone=backbone, data_fingerprint=data.fingerprint)
+            if reseed or index > 0:
+                diversify_sampler(study)
 
-        def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            print(f"[worker {index}] {trial_line(trial, backbone)}", flush=True)
+            def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                print(f"[worker {index}] {trial_line(trial, backbone)}", flush=True)
 
-        run_study(config, backbone, ActivationCache(backbone, data), study=study, on_trial=on_trial)
-    except KeyboardInterrupt:
-        sys.exit(EXIT_INTERRUPTED)
-    except AutotransferError as e:
-        print(f"autotransfer: error: [worker {index}] {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+            run_study(config, backbone, ActivationCache(backbone, data), study=study, on_trial=on_trial)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        except AutotransferError as e:
+            print(f"autotransfer: error: [worker {index}] {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
 
 def run_workers(config: StudyConfig, backbone: Backbone, data: ImageData, *, workers: int,
