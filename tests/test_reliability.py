@@ -81,7 +81,7 @@ def _assert_clean_exit(result: subprocess.CompletedProcess) -> None:
 def test_kill_9_mid_trial_then_the_same_command_retries_it_and_ends_at_the_budget(tmp_path):
     out = tmp_path / "run"
     url = default_storage(out)
-    proc = _start(_search(out, 4), trial_seconds=1.0)
+    proc = _start(_search(out, 4), trial_seconds=2.0)
     victim = _wait_mid_trial(proc, url, finished=2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
@@ -109,7 +109,7 @@ def test_kill_9_mid_trial_then_the_same_command_retries_it_and_ends_at_the_budge
 def test_ctrl_c_marks_the_running_trial_writes_the_leaderboard_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "run"
     url = default_storage(out)
-    proc = _start(_search(out, 3), trial_seconds=1.5)
+    proc = _start(_search(out, 3), trial_seconds=3.0)
     victim = _wait_mid_trial(proc, url, finished=1)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
