@@ -20,6 +20,13 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line that names the fix (the usage is one `--help` away), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 class _Command:
     """Base: `add_arguments` declares flags, `run` does the work and returns an exit code."""
 
@@ -76,18 +83,27 @@ class _Search(_Command):
         parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
         parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=4,
                             help="most epochs of a fine-tuning trial (default: 4)")
+        parser.add_argument("--workers", type=_positive_int("--workers"), default=1,
+                            help="worker processes on this machine, sharing the CPU threads (default: 1)")
+        parser.add_argument("--heartbeat", type=_positive_int("--heartbeat"), default=None,
+                            help="seconds between a running trial's heartbeats; a trial silent for 3 of them "
+                                 "(its process died) is failed and run again (default: 10)")
         _add_data_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
+        from autotransfer.storage import DEFAULT_HEARTBEAT
         from autotransfer.study import StudyConfig, default_storage
+        from autotransfer.workers import sigterm_as_interrupt
 
         backbone, cache, out, created = _prepare(args)
         name = args.study_name or cache.data.name
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
                              budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout,
-                             device=args.device)
+                             device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
+        shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         try:
-            return _run_search(config, backbone, cache)
+            with sigterm_as_interrupt():
+                return _run_search(config, backbone, cache, workers=args.workers, reseed=shared)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
@@ -129,14 +145,27 @@ def _prepare(args: argparse.Namespace):
     return backbone, ActivationCache(backbone, data, folder=out / "cache", memory_limit=args.cache_memory), out, created
 
 
-def _run_search(config, backbone, cache) -> int:
+def trial_line(trial, backbone, best=None) -> str:
+    """One line per finished trial: number, state, accuracy (and the best so far), seconds, strategy, why it failed."""
+    from autotransfer.strategy import Strategy
+
+    described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
+        if "strategy" in trial.user_attrs else ""
+    value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
+    best_text = f" (best {best.value:.4f})" if best is not None else ""
+    reason = trial.user_attrs.get("fail_reason")
+    return (f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}{best_text}  "
+            f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
+
+
+def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False) -> int:
     import optuna
     from tqdm.auto import tqdm
 
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
-    from autotransfer.strategy import Strategy
     from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study, search_space
+    from autotransfer.workers import diversify_sampler, run_workers, threads_per_worker
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     data = cache.data
@@ -153,29 +182,31 @@ def _run_search(config, backbone, cache) -> int:
     print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}, fine-tune at most "
           f"{space.trainable_range} group(s) under the tap")
     bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
-               dynamic_ncols=True, file=sys.stdout, disable=None)  # no bar when stdout is not a terminal
+               dynamic_ncols=True, file=sys.stdout, disable=True if workers > 1 else None)  # None: only on a tty
 
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state in FINISHED:
             bar.update(1)
-        described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
-            if "strategy" in trial.user_attrs else ""
-        value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
-        reason = trial.user_attrs.get("fail_reason")
         best = best_trial(study)
-        best_text = f"{best.value:.4f}" if best is not None else "  -   "
-        bar.write(f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value} (best {best_text})  "
-                  f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
+        bar.write(trial_line(trial, backbone, best))
         if best is not None:
             bar.set_postfix_str(f"best {best.value:.4f} (trial {best.number})")
 
     try:
-        study = run_study(config, backbone, cache, study=study, on_trial=on_trial)
+        if workers == 1:
+            if reseed:
+                diversify_sampler(study)
+            study = run_study(config, backbone, cache, study=study, on_trial=on_trial)
+        else:
+            print(f"{workers} worker processes, {threads_per_worker(workers)} CPU thread(s) each")
+            run_workers(config, backbone, data, workers=workers, reseed=reseed, cache_folder=cache.folder,
+                        cache_memory=cache.memory_limit)
     except KeyboardInterrupt:
         bar.close()
         write_leaderboard(leaderboard(study), config.out)
-        print(f"\nInterrupted. {finished_trials(study)} of {config.budget} trials finished and are stored in "
-              f"{config.storage}; run the same command again to continue.", file=sys.stderr)
+        print(f"\nInterrupted: the running trial(s) are marked failed ('interrupted') and queued to run again. "
+              f"{finished_trials(study)} of {config.budget} trials finished and are stored in {config.storage}; "
+              "run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
     result = finish_study(study, config, backbone, cache)
@@ -290,7 +321,7 @@ _COMMANDS: dict[str, type[_Command]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     description = "Search how to transfer a pretrained CNN to your images; ship the winner as ONNX."
-    parser = argparse.ArgumentParser(prog="autotransfer", description=description)
+    parser = _Parser(prog="autotransfer", description=description)
     parser.add_argument("--version", action="version", version=f"autotransfer {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -127,11 +127,16 @@ def default_image_size(items: Sequence[str | Image.Image]) -> int:
 
 
 def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
-    items, labels = [], []
+    items, labels, others = [], [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in class_dir.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        items += [str(f) for f in files]
-        labels += [class_dir.name] * len(files)
+        files = sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith("."))
+        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+        others += [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+        items += [str(f) for f in images]
+        labels += [class_dir.name] * len(images)
+    if others:
+        logger.warning("Ignoring %d non-image file(s) in %s, e.g. %s; images must end in %s", len(others), root,
+                       others[0].relative_to(root), ", ".join(IMAGE_SUFFIXES))
     return items, labels
 
 

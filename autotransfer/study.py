@@ -1,7 +1,8 @@
 """The Optuna study: storage, sampler, pruner, budget, and the glue from trial to trainer.
 
 The budget counts finished (complete or pruned) trials of the *study*, not of this process, so rerunning
-the same command resumes it and stops at the budget.
+the same command resumes it and stops at the budget, and several processes or machines share it
+(see `budget.py`; heartbeats and the retry of lost trials are in `storage.py`).
 """
 
 from __future__ import annotations
@@ -20,19 +21,27 @@ import torch
 from optuna.trial import TrialState
 
 from autotransfer.backbones import Backbone
+from autotransfer.budget import NOT_RUN_REASON, count, has_place, wait_for_slot
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.model import TransferModel, build_model
 from autotransfer.prior import build_prior
+from autotransfer.storage import DEFAULT_HEARTBEAT, fail_lost_trials, open_storage, requeue
 from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
 from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CHECKPOINTS = "checkpoints"
-# Errors that fail one trial (out-of-memory and other torch runtime errors); anything else is a bug and stops.
-_TRIAL_ERRORS = (RuntimeError, MemoryError, FloatingPointError)
+# Errors that fail one trial and let the study go on: out-of-memory, torch runtime errors, and any other
+# exception raised inside a trial (its type and message land in `fail_reason` and the leaderboard). A bug
+# that fails every trial still shows: the study gives up after `budget` failures and nothing is exported.
+_TRIAL_ERRORS = (Exception,)
+
+
+class _NotRun(Exception):
+    """This trial lost the race for the last slot of the budget to another worker."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +54,7 @@ class StudyConfig:
     max_epochs: int = 4
     timeout: float | None = None  # seconds for this process
     device: str = "cpu"  # "cpu", "cuda" or "auto"
+    heartbeat: int = DEFAULT_HEARTBEAT  # seconds between heartbeats; a trial silent for 3 of them is retried
 
 
 def default_storage(out: Path) -> str:
@@ -61,8 +71,9 @@ def open_study(config: StudyConfig, *, backbone: Backbone | None = None, data_fi
     # Successive halving on fine-tuning epochs: after epoch 1, only the best third of the fine-tuning trials
     # that reached it go on to epoch 3. Head-only trials report nothing: at a second each, pruning saves nothing.
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    storage = open_storage(config.storage, heartbeat=config.heartbeat)
     try:
-        study = optuna.create_study(study_name=config.study_name, storage=config.storage, direction="maximize",
+        study = optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize",
                                     sampler=sampler, pruner=pruner, load_if_exists=create)
     except KeyError:
         raise ConfigError(f"No study named {config.study_name!r} in storage {config.storage!r}; check "
@@ -151,21 +162,32 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
     """Run trials until the study has `budget` finished trials (or `timeout` passes).
 
     `study` is the already opened study of `config` (see `open_study`); `on_trial` runs after every trial.
+    Other processes may work on the same study: the budget is shared, and this call returns when the study
+    has its `budget` finished trials, waiting for theirs (and retrying trials whose process died).
+    On Ctrl-C the running trial is marked failed ("interrupted") and queued to run first next time.
     """
     if study is None:
         study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     space = search_space(study, config, cache)
     device = pick_device(config.device)
     best = [max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)]
+    failures, interrupted = [0], []
 
     def objective(trial: optuna.Trial) -> float:
+        if not has_place(study, trial, config.budget):
+            trial.set_user_attr("fail_reason", NOT_RUN_REASON)
+            study.stop()
+            raise _NotRun(NOT_RUN_REASON)
         started = time.perf_counter()
         try:
             return _train(trial)
+        except (_NotRun, optuna.TrialPruned):
+            raise
         except _TRIAL_ERRORS as e:  # fails this trial alone (see `catch`)
-            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             raise
         except KeyboardInterrupt:
+            interrupted.append(trial.number)
             trial.set_user_attr("fail_reason", "interrupted")
             raise
         finally:
@@ -187,20 +209,38 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
             trial.set_user_attr("fail_reason", str(e))
             raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("epochs_run", result.epochs_run)
+        best_now = best_trial(study)  # other workers' trials count too: keep only the study's best weights
+        best[0] = max(best[0], best_now.value if best_now is not None else -math.inf)
         if result.val_accuracy > best[0]:
             best[0] = result.val_accuracy
             save_checkpoint(config.out, trial.number, result, strategy)
         return result.val_accuracy
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") != NOT_RUN_REASON:
+            failures[0] += 1
         if on_trial is not None:
             on_trial(study, trial)
-        failed = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-        if finished_trials(study) >= config.budget or failed >= config.budget:
+        fail_lost_trials(study)
+        if not count(study).slot_free(config.budget) or failures[0] >= config.budget:
             study.stop()
 
-    remaining = config.budget - finished_trials(study)
-    if remaining > 0:
-        study.optimize(objective, n_trials=None, timeout=config.timeout, callbacks=[after_trial],
-                       catch=_TRIAL_ERRORS, gc_after_trial=False)
+    deadline = None if config.timeout is None else time.monotonic() + config.timeout
+    try:
+        while failures[0] < config.budget and wait_for_slot(study, config.budget, deadline=deadline):
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after_trial],
+                               catch=_TRIAL_ERRORS, gc_after_trial=False)
+            except ValueError as e:  # another worker failed our trial as lost (late heartbeat): it was retried
+                if not str(e).startswith("Cannot tell a"):
+                    raise
+                logger.warning("A trial of this worker was taken over after a late heartbeat (%s); going on.", e)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    except KeyboardInterrupt:
+        for number in interrupted:
+            requeue(study, study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
+                study._study_id, number)))
+        raise
     return study

@@ -3,10 +3,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from autotransfer.cli import main
 from tests.conftest import TINY
+from tests.test_data import _write_images
 
 
 def _search(tmp_path, *extra):
@@ -66,11 +68,121 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, argv,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("budget", ["0", "-3", "ten"])
-def test_bad_budget_is_rejected_by_the_parser(budget, capsys):
+def _classes(root, **counts):
+    for name, n in counts.items():
+        _write_images(root / name, n)
+    return root
+
+
+def _empty(root):
+    root.mkdir()
+    return root
+
+
+def _file(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def _corrupt_class(root):
+    _classes(root, a=5)
+    (root / "b").mkdir()
+    for name in ("x.png", "y.jpg"):
+        (root / "b" / name).write_bytes(b"not an image")
+    return root
+
+
+def _only_non_images(root):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        (root / c / "notes.txt").write_text("not an image")
+    return root
+
+
+def _csv(root, text):
+    root.mkdir()
+    (root / "labels.csv").write_text(text)
+    return root / "labels.csv"
+
+
+def _state_dict_file(path, state_dict):
+    torch.save(state_dict, path)
+    return str(path)
+
+
+_TINY_ARGS = ["--backbone", TINY, "--image-size", "16"]
+
+
+@pytest.mark.parametrize("make_argv, match", [
+    (lambda p: [str(_empty(p / "d")), *_TINY_ARGS], "No images found"),
+    (lambda p: [str(_classes(p / "d", only=5)), *_TINY_ARGS], "need at least 2"),
+    (lambda p: [str(_classes(p / "d", a=5, b=2)), *_TINY_ARGS], "Class 'b' has 2 image(s); a train/val/test split"),
+    (lambda p: [str(_corrupt_class(p / "d")), *_TINY_ARGS], "Class 'b' in"),
+    (lambda p: [str(_only_non_images(p / "d")), *_TINY_ARGS], "No images found"),
+    (lambda p: [str(_csv(p / "d", "file,y\nx.png,1\n")), *_TINY_ARGS], "columns 'path' and 'label'"),
+    (lambda p: [str(_csv(p / "d", "path,label\nmissing.png,1\n")), *_TINY_ARGS], "image 'missing.png' not found"),
+    (lambda p: [str(_file(p / "labels.txt", b"path,label")), *_TINY_ARGS], "is not a .csv"),
+    (lambda p: ["digits", "--image-size", "16", "--backbone", "resnet18", "--weights",
+                _state_dict_file(p / "tiny.pth", {"0.0.weight": torch.zeros(8, 3, 3, 3)})],
+     "does not match backbone 'resnet18'"),
+    (lambda p: ["digits", "--backbone", "resnet18", "--weights", str(_file(p / "w.pth", b"garbage"))],
+     "could not be read"),
+    (lambda p: ["digits", *_TINY_ARGS, "--storage", "study.db"], "has no scheme"),
+], ids=["empty-folder", "one-class", "too-few-images", "class-all-corrupt", "only-non-images", "csv-columns",
+        "csv-unknown-path", "not-a-csv", "weights-of-another-backbone", "weights-unreadable", "storage-no-scheme"])
+def test_bad_data_and_options_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys, make_argv, match):
+    out = tmp_path / "out"
+    code = main(["search", *make_argv(tmp_path), "--budget", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    out = tmp_path / "a-file" / "run"
+    assert main(["search", "digits", *_TINY_ARGS, "--budget", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not writable" in err and "pass --out" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "a-file").is_file()
+
+
+def test_same_study_name_with_other_data_or_backbone_is_refused_and_keeps_the_study(tmp_path, capsys):
+    args = ["--budget", "1", "--max-epochs", "1", "--out", str(tmp_path / "run"), "--study-name", "pets"]
+    assert main(["search", "digits", *_TINY_ARGS, *args]) == 0
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    board = (tmp_path / "run" / "leaderboard.csv").read_text()
+    capsys.readouterr()
+    for other, match in ((["--seed", "3"], "different data"),
+                         (["--backbone", "resnet18", "--weights", "random"], "different backbone 'tiny_test_cnn'")):
+        assert main(["search", "digits", *_TINY_ARGS, *other, *args]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "pass a new --study-name" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    assert (tmp_path / "run" / "leaderboard.csv").read_text() == board
+
+
+def test_corrupt_and_non_image_files_are_skipped_with_a_warning(tmp_path, caplog):
+    data = _classes(tmp_path / "d", a=8, b=8)
+    (data / "b" / "broken.png").write_bytes(b"not a png")
+    (data / "a" / "notes.txt").write_text("labelled by Ann")
+    assert main(["search", str(data), *_TINY_ARGS, "--budget", "1", "--max-epochs", "1",
+                 "--out", str(tmp_path / "run")]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # on stderr from the CLI
+    assert any("Skipping unreadable image" in w and "broken.png" in w for w in warnings)
+    assert any("Ignoring 1 non-image file(s)" in w and "notes.txt" in w for w in warnings)
+    assert len(pd.read_csv(tmp_path / "run" / "leaderboard.csv")) == 1
+
+
+@pytest.mark.parametrize("argv", [["search", "--budget", "0"], ["search", "--budget", "-3"],
+                                  ["search", "--budget", "ten"], ["search", "--workers", "0"]])
+def test_bad_budget_is_rejected_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["search", "--budget", budget])
-    assert exc.value.code == 2 and "--budget" in capsys.readouterr().err
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and argv[1] in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "see `autotransfer search --help`" in err
 
 
 def test_truncated_model_is_a_clear_error(tmp_path, capsys):

