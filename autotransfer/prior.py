@@ -160,7 +160,7 @@ def build_prior(cache: ActivationCache, *, max_epochs: int = 4, seed: int = 0) -
     common = dict(head="linear", optimizer="sgd", weight_decay=1e-4, seed=seed)
     probe = dict(lr=0.05, **common)
     fine_tune = dict(lr=0.005, probe_epochs=HEAD_ONLY_EPOCHS, epochs=max_epochs, **common)  # LP-FT, for large data
-    adapt = dict(lr=0.02, bn="frozen", epochs=max_epochs, **common)  # small data: short, BN statistics kept
+    adapt = dict(lr=0.02, bn="frozen", probe_epochs=1, epochs=max_epochs, **common)  # small data: BN stats kept
     textbook = Strategy(tap=g, freeze=g, pool="avg", **probe)
     best_probe = Strategy(tap=best.group, freeze=best.group, pool="avgmax", **probe)
     per_class = f"{train_images / num_classes:.0f} training images per class"

@@ -22,10 +22,13 @@ BN_MODES = ("train", "frozen")
 HEAD_ONLY_EPOCHS = 15  # converged: 10, 15 and 30 epochs score the same on digits (Lite0 stage5/6 probes)
 PROBE_LR = 0.05  # SGD LR of the linear probe that starts an LP-FT trial (BatchNorm'd inputs: robust)
 BATCH_SIZES = (64, 128)
-PROBE_EPOCHS = (0, 1, HEAD_ONLY_EPOCHS)  # random head / fast.ai's one frozen epoch / LP-FT's converged probe
+# Fine-tuning starts from a fitted head: fast.ai's one frozen epoch, or LP-FT's converged probe. On cached
+# features either costs about a second; a random head on small data gets so few steps per epoch that such
+# trials reach epoch 1 near chance and are pruned, wasting their epoch.
+PROBE_EPOCHS = (1, HEAD_ONLY_EPOCHS)
 # Head LR ranges per optimizer: a head on frozen features takes large steps; a fine-tune needs small ones.
 LR_RANGES = {("sgd", False): (1e-3, 0.3), ("adamw", False): (1e-4, 1e-2),
-             ("sgd", True): (1e-4, 0.05), ("adamw", True): (1e-5, 1e-3)}
+             ("sgd", True): (5e-3, 0.1), ("adamw", True): (2e-4, 3e-3)}
 
 
 @dataclass(frozen=True, kw_only=True)
