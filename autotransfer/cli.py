@@ -106,7 +106,7 @@ def _run_search(config, backbone, cache, *, source: dict | None = None) -> int:
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
     from autotransfer.strategy import Strategy
     from autotransfer.studies import record_source
-    from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study
+    from autotransfer.study import FINISHED, best_trial, default_storage, finished_trials, open_study, run_study
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     if source is not None:  # lets `export` rebuild the inputs of any trial and `report` name the groups
@@ -153,6 +153,8 @@ def _run_search(config, backbone, cache, *, source: dict | None = None) -> int:
           f"{'  (retrained from its strategy)' if result.retrained else ''}")
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
+    storage = "" if config.storage == default_storage(config.out) else f" --storage {config.storage}"
+    print(f"plots and report.html: autotransfer report --study-name {config.study_name} --out {config.out}{storage}")
     return 0
 
 

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 # Parameters every trial has (conditional ones like lr_ratio would drop trials from these views).
 SHARED_PARAMS = ("tap", "freeze", "head", "pool", "optimizer", "lr", "weight_decay", "dropout", "batch_size")
 DPI = 110
+TARGET = "validation accuracy"  # the objective's name on Optuna's axes (instead of "Objective Value")
 
 
 @dataclass(frozen=True)
@@ -59,13 +60,19 @@ def _by(board: pd.DataFrame, column: str, title: str, labels: dict | None = None
     return fig
 
 
+def _tuned(board: pd.DataFrame) -> pd.DataFrame:
+    """Complete trials that fine-tune at least one backbone group (the only ones with an LR ratio)."""
+    return board[((board.state == "complete") & (board.freeze < board.tap)).fillna(False).astype(bool)]
+
+
 def _lr_ratio(board: pd.DataFrame):
     import matplotlib.pyplot as plt
 
-    tuned = board[(board.state == "complete") & (board.freeze < board.tap)]
+    tuned = _tuned(board)
+    depth = (tuned.tap - tuned.freeze).astype(float)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    points = ax.scatter(tuned.lr_ratio, tuned.val_accuracy, c=tuned.tap - tuned.freeze, cmap="viridis", s=28)
-    depth = sorted((tuned.tap - tuned.freeze).unique())
+    points = ax.scatter(tuned.lr_ratio, tuned.val_accuracy, c=depth, cmap="viridis", s=28)
+    depth = sorted(depth.unique())
     fig.colorbar(points, ax=ax, label="groups fine-tuned", ticks=depth)
     ax.set_xscale("log")
     ax.set_xlabel("lr_ratio (lowest trainable group's LR / head LR)")
@@ -80,11 +87,17 @@ def _importances(study: optuna.Study):
 
     if not any(v > 0 for v in optuna.importance.get_param_importances(study).values()):
         raise _Skip("no parameter explains any variation of the accuracy yet")
-    return _figure(plot_param_importances(study))
+    return _figure(plot_param_importances(study, target_name=TARGET))
 
 
 class _Skip(Exception):
     """This figure has nothing to show for this study yet."""
+
+
+def _over(plot: Callable, study: optuna.Study, params: list[str]):
+    if not params:
+        raise _Skip("no trial has Optuna parameters")
+    return _figure(plot(study, params=params, target_name=TARGET))
 
 
 def figures(study: optuna.Study, board: pd.DataFrame, group_names: tuple[str, ...] | None = None
@@ -97,7 +110,7 @@ def figures(study: optuna.Study, board: pd.DataFrame, group_names: tuple[str, ..
     params = [p for p in SHARED_PARAMS if any(p in t.params for t in study.get_trials(deepcopy=False))]
     return [
         ("history", "Optimization history: validation accuracy of each trial and the best so far",
-         lambda: _figure(plot_optimization_history(study)), 1),
+         lambda: _figure(plot_optimization_history(study, target_name=TARGET)), 1),
         ("importances", "Parameter importances (Optuna's default evaluator)", lambda: _importances(study), 3),
         ("by_tap", "Validation accuracy by tap group (complete trials)",
          lambda: _by(board, "tap", "Validation accuracy by tap group", taps), 1),
@@ -108,9 +121,9 @@ def figures(study: optuna.Study, board: pd.DataFrame, group_names: tuple[str, ..
         ("lr_ratio", "Validation accuracy vs LR ratio (complete fine-tuning trials; colour: groups fine-tuned)",
          lambda: _lr_ratio(board), 1),
         ("slice", "Slice plot: validation accuracy against each shared parameter",
-         lambda: _figure(plot_slice(study, params=params)), 1),
+         lambda: _over(plot_slice, study, params), 1),
         ("parallel", "Parallel coordinates of the shared parameters, coloured by validation accuracy",
-         lambda: _wide(_figure(plot_parallel_coordinate(study, params=params)), len(params)), 2),
+         lambda: _wide(_over(plot_parallel_coordinate, study, params), len(params)), 2),
     ]
 
 
@@ -120,7 +133,7 @@ def write_plots(study: optuna.Study, board: pd.DataFrame, out: Path,
     import matplotlib.pyplot as plt
 
     complete = int((board.state == "complete").sum())
-    tuned = int(((board.state == "complete") & (board.freeze < board.tap)).sum()) if complete else 0
+    tuned = len(_tuned(board))
     out.mkdir(parents=True, exist_ok=True)
     plots = []
     for name, title, draw, needed in figures(study, board, group_names):

@@ -16,6 +16,8 @@ import pandas as pd
 from autotransfer.strategy import Strategy
 
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
+# Whole-number fields stay whole numbers (nullable) even when a failed trial has no strategy.
+_INT_COLUMNS = {f.name: "Int64" for f in Strategy.__dataclass_fields__.values() if f.type in ("int", int)}
 COLUMNS = ["rank", "trial", "state", "val_accuracy", *STRATEGY_COLUMNS, "epochs_run", "pruned_at", "seconds", "note"]
 TABLE_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "leaderboard.parquet", "leaderboard.json")
 
@@ -48,8 +50,8 @@ def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.Dat
         study, _ = load(study, storage)
     rows = [_row(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
-    df = df.astype({"trial": "int64", "val_accuracy": "float64", "epochs_run": "Int64", "pruned_at": "Int64",
-                    "seconds": "float64"})
+    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "epochs_run": "Int64",
+                    "pruned_at": "Int64", "seconds": "float64"})
     complete = df["state"] == "complete"
     df["_order"] = (~complete).astype(int)
     df = df.sort_values(["_order", "val_accuracy", "trial"], ascending=[True, False, True], na_position="last")

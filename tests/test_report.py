@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import matplotlib
 import optuna
@@ -229,3 +232,29 @@ def test_record_source_stores_absolute_paths(tmp_path, made_up, monkeypatch):
                   group_names=("stem", "layer1"))
     assert made_up.user_attrs["source"] == {"data": str(tmp_path / "photos"), "image_size": 32, "seed": 1,
                                             "backbone": "resnet18", "weights": None, "group_names": ["stem", "layer1"]}
+
+
+def _optuna_cli(*args):
+    """The `optuna` command installed with optuna, beside this interpreter."""
+    exe = Path(sys.executable).with_name("optuna")
+    if not exe.is_file():
+        pytest.skip(f"no optuna executable beside {sys.executable}")
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_optuna_cli_reads_our_study_with_readable_names(searched):
+    storage = f"sqlite:///{searched / 'study.db'}"
+    trials = _optuna_cli("trials", "--study-name", "digits", "--storage", storage, "-f", "json")
+    study = _open(searched)
+    assert [t["number"] for t in trials] == [t.number for t in study.trials]
+    first = trials[0]
+    assert {"tap", "freeze", "head", "pool", "lr", "optimizer"} <= set(first["params"])
+    assert first["user_attrs"]["strategy"]["tap"] == first["params"]["tap"] and "seconds" in first["user_attrs"]
+    assert first["state"] == "COMPLETE" and first["value"] == study.trials[0].value
+    best = _optuna_cli("best-trial", "--study-name", "digits", "--storage", storage, "-f", "json")
+    board = leaderboard(study)
+    assert best["value"] == board.val_accuracy.iloc[0]
+    assert best["number"] in set(board[board.val_accuracy == best["value"]].trial)
+    assert best["params"]["head"] == board.set_index("trial").loc[best["number"], "head"]
