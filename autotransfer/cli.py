@@ -305,7 +305,8 @@ class _Export(_Command):
                               f"(complete: {', '.join(map(str, complete)) or 'none'}).")
         backbone, data = load_inputs(study, data=args.data, backbone=args.backbone, weights=args.weights,
                                      image_size=args.image_size, seed=args.seed)
-        dest = _writable(args.dest or out / f"trial_{number}")
+        dest = args.dest or out / f"trial_{number}"
+        _writable(dest.parent)
         if not _checkpoint_path(out, number).is_file():
             print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
                   "from its stored strategy and seed", file=sys.stderr)

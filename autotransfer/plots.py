@@ -105,13 +105,15 @@ def figures(study: optuna.Study, board: pd.DataFrame, group_names: tuple[str, ..
     """(name, title, draw, complete trials needed) for every figure of the report, in report order."""
     from optuna.visualization.matplotlib import plot_optimization_history, plot_parallel_coordinate, plot_slice
 
+    complete = int((board.state == "complete").sum())
     taps = {i + 1: f"{i + 1} {n}" for i, n in enumerate(group_names or ())}
     freezes = {0: "0 (none)", **{i + 1: f"{i + 1} (..{n})" for i, n in enumerate(group_names or ())}}
     params = [p for p in SHARED_PARAMS if any(p in t.params for t in study.get_trials(deepcopy=False))]
     return [
         ("history", "Optimization history: validation accuracy of each trial and the best so far",
          lambda: _figure(plot_optimization_history(study, target_name=TARGET)), 1),
-        ("importances", "Parameter importances (Optuna's default evaluator)", lambda: _importances(study), 3),
+        ("importances", f"Parameter importances (Optuna's default evaluator; from {complete} complete trials, "
+         "so a rough guide until there are dozens)", lambda: _importances(study), 3),
         ("by_tap", "Validation accuracy by tap group (complete trials)",
          lambda: _by(board, "tap", "Validation accuracy by tap group", taps), 1),
         ("by_freeze", "Validation accuracy by freeze depth: groups kept pretrained (complete trials)",
