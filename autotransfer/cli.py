@@ -101,9 +101,11 @@ class _Search(_Command):
                              budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout,
                              device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
+        source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
+                      weights=args.weights, group_names=backbone.group_names)
         try:
             with sigterm_as_interrupt():
-                return _run_search(config, backbone, cache, workers=args.workers, reseed=shared)
+                return _run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
@@ -158,16 +160,28 @@ def trial_line(trial, backbone, best=None) -> str:
             f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
 
 
-def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False) -> int:
+def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False,
+                source: dict | None = None) -> int:
     import optuna
     from tqdm.auto import tqdm
 
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
-    from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study, search_space
+    from autotransfer.studies import record_source
+    from autotransfer.study import (
+        FINISHED,
+        best_trial,
+        default_storage,
+        finished_trials,
+        open_study,
+        run_study,
+        search_space,
+    )
     from autotransfer.workers import diversify_sampler, run_workers, threads_per_worker
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
+    if source is not None:  # lets `export` rebuild the inputs of any trial and `report` name the groups
+        record_source(study, **source)
     data = cache.data
     print(f"autotransfer {__version__}: {data.name} ({len(data.labels)} images, {len(data.classes)} classes, "
           f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
@@ -221,6 +235,8 @@ def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fal
           f"{'  (retrained from its strategy)' if result.retrained else ''}")
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
+    storage = "" if config.storage == default_storage(config.out) else f" --storage {config.storage}"
+    print(f"plots and report.html: autotransfer report --study-name {config.study_name} --out {config.out}{storage}")
     return 0
 
 
@@ -314,8 +330,145 @@ class _Datasets(_Command):
         return 0
 
 
+def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that find an existing study, with `search`'s defaults (studies/<name>/study.db)."""
+    parser.add_argument("--study-name", default=None,
+                        help="default: the storage's only study, else 'digits' (search's default)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
+    parser.add_argument("--out", type=Path, default=None, help="the study's output folder "
+                        "(default: studies/<study-name>, as for search)")
+
+
+def _writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Output folder {str(folder)!r} cannot be created ({e.strerror}); pass --out with a "
+                          "folder you can write to.") from None
+    return folder
+
+
+class _Report(_Command):
+    """Write a study's leaderboards, plots and one self-contained report.html into <out>/report/.
+
+    Leaderboard as CSV, Markdown, HTML, Parquet and JSON; PNG plots (optimization history, parameter
+    importances, accuracy by tap, freeze depth, head and LR ratio, slice, parallel coordinates). Works on
+    finished and running studies in any Optuna storage; the folder is replaced only when complete.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add_study_arguments(parser)
+        parser.add_argument("--top", type=_positive_int("--top"), default=10,
+                            help="trials shown in report.html and printed here (default: 10)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never open a window
+        from autotransfer.html_report import write_report
+        from autotransfer.report import to_markdown
+        from autotransfer.studies import locate, open_existing
+
+        name, storage, out = locate(args.study_name, args.storage, args.out)
+        study = open_existing(name, storage)
+        _writable(out)
+        report = write_report(study, out, storage=storage, top=args.top)
+        board, best = report.board, report.best
+        counts = ", ".join(f"{n} {s}" for s, n in board.state.value_counts().items())
+        print(f"study {name!r} in {storage}: {len(board)} trials ({counts or 'none'})")
+        if best is not None:
+            print(f"best: trial {best['trial']}  val {best['val_accuracy']:.4f}  {best['description']}"
+                  + (f"  test {best['test']['test_accuracy']:.4f}" if best["test"] else ""))
+            cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "head", "lr", "lr_ratio",
+                    "epochs_run", "pruned_at", "seconds"]
+            print(to_markdown(board[cols].head(args.top)))
+        for plot in report.plots:
+            if plot.path is None:
+                print(f"plot {plot.name} skipped: {plot.note}", file=sys.stderr)
+        print(f"report: {report.folder / 'report.html'}\nfiles: {report.folder}/ (leaderboard.csv .md .html "
+              f".parquet .json, {' '.join(p.path.name for p in report.plots if p.path)})")
+        return 0
+
+
+class _Export(_Command):
+    """Export one trial of a study to ONNX (default: the best), verified with onnxruntime on the test split.
+
+    Search keeps only the best trial's weights; any other trial is retrained from its stored strategy with
+    the same seed (it says so). Data and backbone are rebuilt from what search recorded in the study; the
+    --data, --backbone, --weights, --image-size and --seed flags override that.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        _add_study_arguments(parser)
+        parser.add_argument("--trial", type=int, default=None, help="trial number (default: the best trial)")
+        parser.add_argument("--dest", type=Path, default=None, help="export folder (default: <out>/trial_<N>)")
+        parser.add_argument("--data", default=None, help="data as given to search (default: recorded in the study)")
+        parser.add_argument("--backbone", default=None, help="default: recorded in the study")
+        parser.add_argument("--weights", default=None, help="default: recorded in the study")
+        parser.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
+                            help="default: recorded in the study")
+        parser.add_argument("--seed", type=int, default=None, help="seed of the split (default: recorded)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from optuna.trial import TrialState
+
+        from autotransfer.features import ActivationCache
+        from autotransfer.pipeline import export_trial
+        from autotransfer.studies import load_inputs, locate, open_existing
+        from autotransfer.study import best_trial, checkpoint_path
+
+        name, storage, out = locate(args.study_name, args.storage, args.out)
+        study = open_existing(name, storage)
+        complete = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        number = args.trial if args.trial is not None else (best_trial(study).number if complete else None)
+        if number not in complete:
+            state = next((t.state.name.lower() for t in study.get_trials(deepcopy=False) if t.number == number),
+                         "not in the study")
+            raise ConfigError(f"Trial {number} of study {name!r} is {state}; only complete trials can be exported "
+                              f"(complete: {', '.join(map(str, complete)) or 'none'}).")
+        backbone, data = load_inputs(study, data=args.data, backbone=args.backbone, weights=args.weights,
+                                     image_size=args.image_size, seed=args.seed)
+        dest = args.dest or out / f"trial_{number}"
+        _writable(dest.parent)
+        if not checkpoint_path(out, number).is_file():
+            print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
+                  "from its stored strategy and seed", file=sys.stderr)
+        result = export_trial(study, number, backbone, ActivationCache(backbone, data, folder=out / "cache"),
+                              study_out=out, dest=dest)
+        m = result.metrics
+        print(f"trial {number}: val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
+              f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
+              f"{'  (retrained from its strategy)' if result.retrained else ''}")
+        print(f"model: {result.folder / 'model.onnx'}")
+        return 0
+
+
+class _Studies(_Command):
+    """List studies with their trial counts by state and best values.
+
+    Without --storage, lists every studies/*/study.db (where search keeps its studies by default).
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--storage", default=None, help="Optuna storage URL (default: studies/*/study.db)")
+        parser.add_argument("--root", type=Path, default=Path("studies"),
+                            help="folder searched without --storage (default: studies)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from autotransfer.report import to_markdown
+        from autotransfer.studies import list_studies
+
+        table = list_studies(args.storage, root=args.root)
+        if table.empty:
+            print(f"No studies in {args.storage or str(args.root / '*' / 'study.db')}; run `autotransfer search`.")
+        else:
+            print(to_markdown(table))
+        return 0
+
+
 _COMMANDS: dict[str, type[_Command]] = {
-    "search": _Search, "recommend": _Recommend, "predict": _Predict, "backbones": _Backbones, "datasets": _Datasets,
+    "search": _Search, "recommend": _Recommend, "report": _Report, "export": _Export, "studies": _Studies,
+    "predict": _Predict, "backbones": _Backbones, "datasets": _Datasets,
 }
 
 

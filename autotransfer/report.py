@@ -1,4 +1,10 @@
-"""Study -> tidy leaderboard (a pure function), and the writers that put it on disk."""
+"""Study -> tidy leaderboard (a pure function), and the writers that put it on disk.
+
+Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
+number), `state` (complete, pruned, fail, running), `val_accuracy` (the objective value; for pruned and
+running trials the last reported one), one column per `Strategy` field (tap, freeze, pool, head, ..., seed),
+`epochs_run`, `pruned_at` (epochs run when pruned, empty otherwise), `seconds`, `note` (why it failed).
+"""
 
 from __future__ import annotations
 
@@ -10,26 +16,42 @@ import pandas as pd
 from autotransfer.strategy import Strategy
 
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
-COLUMNS = ["rank", "trial", "state", "val_accuracy", *STRATEGY_COLUMNS, "epochs_run", "seconds", "note"]
+# Whole-number fields stay whole numbers (nullable) even when a failed trial has no strategy.
+_INT_COLUMNS = {f.name: "Int64" for f in Strategy.__dataclass_fields__.values() if f.type in ("int", int)}
+COLUMNS = ["rank", "trial", "state", "val_accuracy", *STRATEGY_COLUMNS, "epochs_run", "pruned_at", "seconds", "note"]
+TABLE_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "leaderboard.parquet", "leaderboard.json")
 
 
-def leaderboard(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial, best first: rank, trial, state, val_accuracy, every strategy field, epochs, seconds.
+def _row(t: optuna.trial.FrozenTrial) -> dict:
+    value = t.value if t.value is not None else (
+        t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
+    note = t.user_attrs.get("fail_reason") or ""
+    epochs = t.user_attrs.get("epochs_run")
+    return {"trial": t.number, "state": t.state.name.lower(), "val_accuracy": value,
+            **t.user_attrs.get("strategy", {}), "epochs_run": epochs,
+            "pruned_at": epochs if t.state == optuna.trial.TrialState.PRUNED else None,
+            "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""}
+
+
+def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.DataFrame:
+    """One row per trial, best first, with the columns in `COLUMNS` (see the module docstring).
 
     Complete trials are ranked by validation accuracy (ties: earlier trial first); pruned, failed and
-    running trials follow, unranked, with their last reported accuracy where there is one.
+    running trials follow, unranked. `study` is an Optuna study or a study name, which is looked up like
+    `autotransfer report` does (default storage `studies/<name>/study.db`).
+
+    Example:
+        >>> board = autotransfer.leaderboard("digits")
+        >>> board[board.state == "complete"].groupby("head").val_accuracy.max()
     """
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if t.state == optuna.trial.TrialState.WAITING:
-            continue
-        value = t.value if t.value is not None else (
-            t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
-        note = t.user_attrs.get("fail_reason") or ""
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "val_accuracy": value,
-                     **t.user_attrs.get("strategy", {}), "epochs_run": t.user_attrs.get("epochs_run"),
-                     "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""})
+    if isinstance(study, str):
+        from autotransfer.studies import load
+
+        study, _ = load(study, storage)
+    rows = [_row(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
+    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "epochs_run": "Int64",
+                    "pruned_at": "Int64", "seconds": "float64"})
     complete = df["state"] == "complete"
     df["_order"] = (~complete).astype(int)
     df = df.sort_values(["_order", "val_accuracy", "trial"], ascending=[True, False, True], na_position="last")
@@ -39,18 +61,44 @@ def leaderboard(study: optuna.Study) -> pd.DataFrame:
     return df
 
 
+def _blank(df: pd.DataFrame) -> pd.DataFrame:
+    return df.astype(object).where(df.notna(), "")
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """Markdown table with empty cells (not `<NA>`) for unranked trials and unset values."""
-    return df.astype(object).where(df.notna(), "").to_markdown(index=False, floatfmt=".4g")
+    return _blank(df).to_markdown(index=False, floatfmt=".4g")
+
+
+def to_html(df: pd.DataFrame) -> str:
+    """An HTML <table> (no page around it), empty cells for unset values, 4 significant digits."""
+    return _blank(df).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="leaderboard",
+                              escape=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 def write_leaderboard(df: pd.DataFrame, out: Path) -> list[Path]:
     """leaderboard.csv and leaderboard.md in `out`; written to temporary files first, then renamed."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "leaderboard.csv", out / "leaderboard.md"]
-    tmp_csv, tmp_md = (p.with_name(f".{p.name}.tmp") for p in paths)
-    df.to_csv(tmp_csv, index=False)
-    tmp_md.write_text(to_markdown(df) + "\n")
-    tmp_csv.replace(paths[0])
-    tmp_md.replace(paths[1])
+    _atomic_write(paths[0], lambda p: df.to_csv(p, index=False))
+    _atomic_write(paths[1], lambda p: p.write_text(to_markdown(df) + "\n"))
+    return paths
+
+
+def write_tables(df: pd.DataFrame, out: Path) -> list[Path]:
+    """The leaderboard as CSV, Markdown, HTML, Parquet and JSON (records; null for unset) in `out`."""
+    paths = write_leaderboard(df, out)
+    html = f"<!doctype html>\n<meta charset='utf-8'>\n<title>leaderboard</title>\n{to_html(df)}\n"
+    writers = {"leaderboard.html": lambda p: p.write_text(html),
+               "leaderboard.parquet": lambda p: df.to_parquet(p, index=False),
+               "leaderboard.json": lambda p: df.to_json(p, orient="records", indent=2)}
+    for name, write in writers.items():
+        _atomic_write(out / name, write)
+        paths.append(out / name)
     return paths

@@ -108,7 +108,7 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return min(complete, key=lambda t: (-t.value, t.number)) if complete else None
 
 
-def _checkpoint_path(out: Path, number: int) -> Path:
+def checkpoint_path(out: Path, number: int) -> Path:
     return out / CHECKPOINTS / f"trial_{number}.pt"
 
 
@@ -118,7 +118,7 @@ def save_checkpoint(out: Path, number: int, result: TrialResult, strategy: Strat
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".trial_{number}.pt.tmp"
     torch.save({"strategy": strategy.to_dict(), "state_dict": result.model.state_dict()}, tmp)
-    tmp.replace(_checkpoint_path(out, number))
+    tmp.replace(checkpoint_path(out, number))
     for old in folder.glob("trial_*.pt"):
         if old.name != f"trial_{number}.pt":
             old.unlink(missing_ok=True)
@@ -131,7 +131,7 @@ def load_trial_model(study: optuna.Study, number: int, backbone: Backbone, cache
     Returns (model, retrained). Retraining is exact: same strategy, same seed, same cached inputs.
     """
     strategy = Strategy.from_dict(study.trials[number].user_attrs["strategy"])
-    path = _checkpoint_path(out, number)
+    path = checkpoint_path(out, number)
     if path.is_file():
         model = build_model(strategy, backbone, len(cache.data.classes))
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
