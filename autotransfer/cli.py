@@ -18,6 +18,7 @@ from autotransfer.errors import AutotransferError, ConfigError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+_TRAINING_STACK = {"torch", "torchvision", "optuna", "onnx", "onnxscript", "pandas", "sklearn", "tqdm"}
 
 
 class _Command:
@@ -152,29 +153,43 @@ def _run_search(config, backbone, cache) -> int:
 
 
 class _Predict(_Command):
-    """Classify images with an exported model.onnx (preprocessing is read from the model)."""
+    """Classify images with an exported model.onnx (preprocessing is read from the model).
+
+    Runs on TensorRT, CUDA or the CPU (--provider auto tries them in that order), in batches of --batch-size.
+    Imports no torch: a `pip install --no-deps autotransfer onnxruntime-gpu numpy pillow` install is enough.
+    """
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", type=Path, help="an exported model.onnx")
+        from autotransfer.runtime import PROVIDER_CHOICES
+
+        parser.add_argument("model", type=Path, help="an exported model.onnx (or model.fp16.onnx / model.int8.onnx)")
         parser.add_argument("images", nargs="+", help="image files")
         parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
         parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+        parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
+                            help="onnxruntime execution provider (default: auto = tensorrt > cuda > cpu)")
 
     def run(self, args: argparse.Namespace) -> int:
-        import pandas as pd
+        import csv
 
         from autotransfer.predict import Predictor
 
-        predictor = Predictor(args.model)
+        predictor = Predictor(args.model, provider=args.provider)
+        rows = predictor.predict(args.images, batch_size=args.batch_size)
         print(f"{args.model}: {len(predictor.classes)} classes, {predictor.image_size}px, on "
               f"{predictor.provider}", file=sys.stderr)
-        rows = predictor.predict(args.images, batch_size=args.batch_size)
         if args.format == "json":
             print(json.dumps(rows, indent=2))
         elif args.format == "csv":
-            print(pd.DataFrame(rows).to_csv(index=False), end="")
+            writer = csv.DictWriter(sys.stdout, fieldnames=["path", "class", "probability"], lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
         else:
-            print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"))
+            width = max(len("path"), *(len(r["path"]) for r in rows))
+            print(f"| {'path':{width}} | class | probability |")
+            print(f"|{'-' * (width + 2)}|-------|-------------|")
+            for r in rows:
+                print(f"| {r['path']:{width}} | {r['class']:5} | {r['probability']:11.4f} |")
         return 0
 
 
@@ -226,14 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    import optuna
-
-    # Our own per-trial lines say what failed and why; Optuna's warnings would repeat it with a traceback.
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.ERROR)
     try:
+        if args.command != "predict":  # predict also runs in the lean inference image, without optuna or torch
+            import optuna
+
+            # Our own per-trial lines say what failed and why; Optuna's warnings would repeat it with a traceback.
+            optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.ERROR)
         return args.handler.run(args)
     except AutotransferError as e:
         if debug:
             raise
         print(f"autotransfer: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        if debug or e.name not in _TRAINING_STACK:
+            raise
+        print(f"autotransfer: error: `{args.command}` needs {e.name}, which this install lacks (an inference-only "
+              "install such as the Docker image runs only `predict`); `pip install autotransfer` for everything.",
+              file=sys.stderr)
         return EXIT_USAGE

@@ -17,6 +17,7 @@ import onnx
 import torch
 
 from autotransfer.errors import ExportError
+from autotransfer.runtime import cpu_session, read_metadata  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 PARITY_ATOL = 1e-3  # max abs logit difference onnxruntime vs PyTorch (fp32, CPU) before export fails
@@ -39,26 +40,6 @@ def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata
     onnx.save_model(proto, str(tmp))
     tmp.replace(path)
     return path
-
-
-def read_metadata(session) -> dict[str, Any]:
-    """metadata_props of an onnxruntime session, JSON-decoded."""
-    raw = session.get_modelmeta().custom_metadata_map
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
-def cpu_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor, *,
