@@ -15,6 +15,7 @@ from pathlib import Path
 
 from autotransfer import __version__
 from autotransfer.errors import AutotransferError, ConfigError
+from autotransfer.precision import add_precision_argument, parse_precisions
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -67,6 +68,7 @@ class _Search(_Command):
                             help="most epochs of a fine-tuning trial (default: 6)")
         parser.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
                             help="input size in pixels (default: per data set, 64 for digits)")
+        add_precision_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from autotransfer.backbones import get_backbone
@@ -74,6 +76,7 @@ class _Search(_Command):
         from autotransfer.features import ActivationCache
         from autotransfer.study import StudyConfig, default_storage
 
+        precision = parse_precisions(args.precision)  # before any work: a typo must not cost a search
         data = load_data(args.data, image_size=args.image_size, seed=args.seed)
         backbone = get_backbone(args.backbone, args.weights)
         name = args.study_name or data.name
@@ -90,14 +93,14 @@ class _Search(_Command):
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
                              budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout)
         try:
-            return _run_search(config, backbone, ActivationCache(backbone, data))
+            return _run_search(config, backbone, ActivationCache(backbone, data), precision)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
             raise
 
 
-def _run_search(config, backbone, cache) -> int:
+def _run_search(config, backbone, cache, precision=("fp32",)) -> int:
     import optuna
     from tqdm.auto import tqdm
 
@@ -137,7 +140,7 @@ def _run_search(config, backbone, cache) -> int:
               f"{config.storage}; run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
-    result = finish_study(study, config, backbone, cache)
+    result = finish_study(study, config, backbone, cache, precision=precision)
     board = leaderboard(study)
     cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
             "lr_ratio", "epochs_run", "seconds"]
@@ -147,9 +150,18 @@ def _run_search(config, backbone, cache) -> int:
     print(f"\nbest: trial {m['trial']}  val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
           f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
           f"{'  (retrained from its strategy)' if result.retrained else ''}")
+    print_variants(m)
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
     return 0
+
+
+def print_variants(metrics: dict) -> None:
+    """One line per fp16/int8 variant in an export's metrics; a degraded one says so."""
+    for p, v in metrics.get("variants", {}).items():
+        flag = f"  DEGRADED: loses {100 * v['accuracy_drop']:.1f} points (> 1)" if v["degraded"] else ""
+        print(f"{p}: {v['file']}  test {v['test_accuracy']:.4f}  top-1 agreement with fp32 "
+              f"{v['top1_agreement']:.4f}  {v['size_bytes'] / 1e6:.1f} MB{flag}")
 
 
 class _Predict(_Command):
