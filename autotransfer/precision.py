@@ -83,6 +83,8 @@ def _make_int8(fp32_path: Path, dest: Path, calibration_images: np.ndarray) -> N
     if calibration_images is None or len(calibration_images) == 0:
         raise ConfigError("int8 needs calibration images (a few hundred training images, preprocessed).")
     pre = dest.with_name(f".{dest.stem}.pre.onnx")
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # ORT warns on the root logger about 1-D (BatchNorm) weights
     try:
         # ONNX shape inference suffices for a CNN with static C/H/W; the symbolic pass (for transformers) needs
         # sympy and fails on the Concat of avgmax pooling.
@@ -94,6 +96,7 @@ def _make_int8(fp32_path: Path, dest: Path, calibration_images: np.ndarray) -> N
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=first_conv)
     finally:
+        root.setLevel(level)
         pre.unlink(missing_ok=True)
 
 
