@@ -15,9 +15,11 @@ from pathlib import Path
 
 from autotransfer import __version__
 from autotransfer.errors import AutotransferError, ConfigError
+from autotransfer.precision import add_precision_argument, parse_precisions
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+_TRAINING_STACK = {"torch", "torchvision", "optuna", "onnx", "onnxscript", "pandas", "sklearn", "tqdm"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,12 +91,14 @@ class _Search(_Command):
                             help="seconds between a running trial's heartbeats; a trial silent for 3 of them "
                                  "(its process died) is failed and run again (default: 10)")
         _add_data_arguments(parser)
+        add_precision_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from autotransfer.storage import DEFAULT_HEARTBEAT
         from autotransfer.study import StudyConfig, default_storage
         from autotransfer.workers import sigterm_as_interrupt
 
+        precision = parse_precisions(args.precision)  # before any work: a typo must not cost a search
         backbone, cache, out, created = _prepare(args)
         name = args.study_name or cache.data.name
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
@@ -105,7 +109,8 @@ class _Search(_Command):
                       weights=args.weights, group_names=backbone.group_names)
         try:
             with sigterm_as_interrupt():
-                return _run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source)
+                return _run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source,
+                                   precision=precision)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
@@ -161,7 +166,7 @@ def trial_line(trial, backbone, best=None) -> str:
 
 
 def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False,
-                source: dict | None = None) -> int:
+                source: dict | None = None, precision: tuple[str, ...] = ("fp32",)) -> int:
     import optuna
     from tqdm.auto import tqdm
 
@@ -223,7 +228,7 @@ def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fal
               "run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
-    result = finish_study(study, config, backbone, cache)
+    result = finish_study(study, config, backbone, cache, precision=precision)
     board = leaderboard(study)
     cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
             "lr_ratio", "epochs_run", "seconds"]
@@ -233,6 +238,7 @@ def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fal
     print(f"\nbest: trial {m['trial']}  val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
           f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
           f"{'  (retrained from its strategy)' if result.retrained else ''}")
+    print_variants(m)
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
     storage = "" if config.storage == default_storage(config.out) else f" --storage {config.storage}"
@@ -281,30 +287,52 @@ class _Recommend(_Command):
         return 0
 
 
+def print_variants(metrics: dict) -> None:
+    """One line per fp16/int8 variant in an export's metrics; a degraded one says so."""
+    for p, v in metrics.get("variants", {}).items():
+        flag = f"  DEGRADED: loses {100 * v['accuracy_drop']:.1f} points (> 1)" if v["degraded"] else ""
+        print(f"{p}: {v['file']}  test {v['test_accuracy']:.4f}  top-1 agreement with fp32 "
+              f"{v['top1_agreement']:.4f}  {v['size_bytes'] / 1e6:.1f} MB{flag}")
+
+
 class _Predict(_Command):
-    """Classify images with an exported model.onnx (preprocessing is read from the model)."""
+    """Classify images with an exported model.onnx (preprocessing is read from the model).
+
+    Runs on TensorRT, CUDA or the CPU (--provider auto tries them in that order), in batches of --batch-size.
+    Imports no torch: a `pip install --no-deps autotransfer onnxruntime-gpu numpy pillow` install is enough.
+    """
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("model", type=Path, help="an exported model.onnx")
+        from autotransfer.runtime import PROVIDER_CHOICES
+
+        parser.add_argument("model", type=Path, help="an exported model.onnx (or model.fp16.onnx / model.int8.onnx)")
         parser.add_argument("images", nargs="+", help="image files")
         parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
         parser.add_argument("--batch-size", type=_positive_int("--batch-size"), default=64)
+        parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
+                            help="onnxruntime execution provider (default: auto = tensorrt > cuda > cpu)")
 
     def run(self, args: argparse.Namespace) -> int:
-        import pandas as pd
+        import csv
 
         from autotransfer.predict import Predictor
 
-        predictor = Predictor(args.model)
+        predictor = Predictor(args.model, provider=args.provider)
+        rows = predictor.predict(args.images, batch_size=args.batch_size)
         print(f"{args.model}: {len(predictor.classes)} classes, {predictor.image_size}px, on "
               f"{predictor.provider}", file=sys.stderr)
-        rows = predictor.predict(args.images, batch_size=args.batch_size)
         if args.format == "json":
             print(json.dumps(rows, indent=2))
         elif args.format == "csv":
-            print(pd.DataFrame(rows).to_csv(index=False), end="")
+            writer = csv.DictWriter(sys.stdout, fieldnames=["path", "class", "probability"], lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
         else:
-            print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".4f"))
+            width = max(len("path"), *(len(r["path"]) for r in rows))
+            print(f"| {'path':{width}} | class | probability |")
+            print(f"|{'-' * (width + 2)}|-------|-------------|")
+            for r in rows:
+                print(f"| {r['path']:{width}} | {r['class']:5} | {r['probability']:11.4f} |")
         return 0
 
 
@@ -408,6 +436,7 @@ class _Export(_Command):
         parser.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
                             help="default: recorded in the study")
         parser.add_argument("--seed", type=int, default=None, help="seed of the split (default: recorded)")
+        add_precision_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from optuna.trial import TrialState
@@ -433,12 +462,14 @@ class _Export(_Command):
         if not checkpoint_path(out, number).is_file():
             print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
                   "from its stored strategy and seed", file=sys.stderr)
+        precision = parse_precisions(args.precision)
         result = export_trial(study, number, backbone, ActivationCache(backbone, data, folder=out / "cache"),
-                              study_out=out, dest=dest)
+                              study_out=out, dest=dest, precision=precision)
         m = result.metrics
         print(f"trial {number}: val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
               f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
               f"{'  (retrained from its strategy)' if result.retrained else ''}")
+        print_variants(m)
         print(f"model: {result.folder / 'model.onnx'}")
         return 0
 
@@ -493,14 +524,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    import optuna
-
-    # Our own per-trial lines say what failed and why; Optuna's warnings would repeat it with a traceback.
-    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.ERROR)
     try:
+        if args.command != "predict":  # predict also runs in the lean inference image, without optuna or torch
+            import optuna
+
+            # Our own per-trial lines say what failed and why; Optuna's warnings would repeat it with a traceback.
+            optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.ERROR)
         return args.handler.run(args)
     except AutotransferError as e:
         if debug:
             raise
         print(f"autotransfer: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        if debug or e.name not in _TRAINING_STACK:
+            raise
+        print(f"autotransfer: error: `{args.command}` needs {e.name}, which this install lacks (an inference-only "
+              "install such as the Docker image runs only `predict`); `pip install autotransfer` for everything.",
+              file=sys.stderr)
         return EXIT_USAGE

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from autotransfer.errors import DataError
+from autotransfer.images import to_rgb_square
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +78,6 @@ EMBEDDED: dict[str, tuple[Callable[[], tuple[list[Image.Image], list[str]]], int
 
 
 # --- decoding ---------------------------------------------------------------------------------------
-
-
-def to_rgb_square(img: Image.Image, size: int) -> np.ndarray:
-    """Grayscale/RGBA -> RGB, resize the shorter side to `size`, centre-crop to `size` x `size`."""
-    if img.mode in ("RGBA", "LA", "P"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 def _decode(item: str | Image.Image, size: int) -> np.ndarray | None:

@@ -17,9 +17,14 @@ import onnx
 import torch
 
 from autotransfer.errors import ExportError
+from autotransfer.runtime import cpu_session, read_metadata  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
-PARITY_ATOL = 1e-3  # max abs logit difference onnxruntime vs PyTorch (fp32, CPU) before export fails
+# Export fails when any |onnxruntime - PyTorch| logit difference (fp32, CPU) exceeds ATOL + RTOL * max |logit|.
+# Measured on Lite0/digits: 4.7e-5 for a trained linear head (logits up to ~20); float summation order makes
+# the difference grow with the logits' scale (2.6e-4 .. 4.7e-4 for untrained heads with logits up to ~120).
+PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-5
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata: dict[str, Any]) -> Path:
@@ -41,35 +46,15 @@ def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata
     return path
 
 
-def read_metadata(session) -> dict[str, Any]:
-    """metadata_props of an onnxruntime session, JSON-decoded."""
-    raw = session.get_modelmeta().custom_metadata_map
-    out = {}
-    for k, v in raw.items():
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
-def cpu_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor, *,
-           batch_size: int = 64, atol: float = PARITY_ATOL) -> dict[str, float]:
+           batch_size: int = 64, atol: float = PARITY_ATOL, rtol: float = PARITY_RTOL) -> dict[str, float]:
     """Run `x` through PyTorch and onnxruntime in batches of two sizes; return diff and ORT accuracy.
 
-    Raises ExportError when any logit differs by more than `atol`.
+    Raises ExportError when any logit differs by more than `atol + rtol * max |logit|`.
     """
     session = cpu_session(path)
     model = model.cpu().eval()
-    max_diff, correct, agree = 0.0, 0, 0
+    max_diff, scale, correct, agree = 0.0, 0.0, 0, 0
     sizes = [batch_size, 1] if len(x) > batch_size else [max(1, len(x) - 1), 1]
     i, turn = 0, 0
     while i < len(x):
@@ -79,10 +64,14 @@ def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor,
             ref = model(xb).numpy()
         got = session.run(["logits"], {"input": xb.numpy()})[0]
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
+        scale = max(scale, float(np.abs(ref).max()))
         correct += int((got.argmax(1) == y[i:i + n].numpy()).sum())
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
         i, turn = i + n, turn + 1
-    if max_diff > atol:
-        raise ExportError(f"ONNX model {str(path)!r} differs from PyTorch by {max_diff:.2e} (> {atol:.0e}) in its "
-                          "logits; rerun with --debug and report the backbone and strategy.")
-    return {"onnx_max_abs_diff": max_diff, "test_accuracy": correct / len(x), "top1_agreement": agree / len(x)}
+    tolerance = atol + rtol * scale
+    if max_diff > tolerance:
+        raise ExportError(f"ONNX model {str(path)!r} differs from PyTorch by {max_diff:.2e} (> {tolerance:.1e} = "
+                          f"{atol:.0e} + {rtol:.0e} x max |logit| {scale:.1f}) in its logits; rerun with --debug and "
+                          "report the backbone and strategy.")
+    return {"onnx_max_abs_diff": max_diff, "onnx_parity_tolerance": tolerance, "test_accuracy": correct / len(x),
+            "top1_agreement": agree / len(x)}

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
 from autotransfer import __version__
@@ -16,6 +18,7 @@ from autotransfer.data import ImageData
 from autotransfer.errors import AutotransferError
 from autotransfer.export import export_onnx, verify
 from autotransfer.features import ActivationCache, normalise
+from autotransfer.precision import CALIBRATION_IMAGES, check_variant, make_variant, parse_precisions
 from autotransfer.report import leaderboard, write_leaderboard
 from autotransfer.strategy import Strategy
 from autotransfer.study import StudyConfig, best_trial, load_trial_model
@@ -33,12 +36,16 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: ActivationCache, *,
-                 study_out: Path, dest: Path) -> ExportResult:
+                 study_out: Path, dest: Path, precision: Sequence[str] = ("fp32",)) -> ExportResult:
     """Export trial `number` to `dest/` (model.onnx + json files), verified on the test split.
+
+    `precision` may add "fp16" / "int8": model.fp16.onnx / model.int8.onnx beside model.onnx, each checked on
+    the test split against fp32 and recorded under metrics["variants"] (int8 is calibrated on training images).
 
     Everything is written into a temporary sibling folder that replaces `dest` only when complete.
     """
     data: ImageData = cache.data
+    precisions = parse_precisions(precision)
     trial = study.trials[number]
     if "strategy" not in trial.user_attrs:
         raise AutotransferError(f"Trial {number} of study {study.study_name!r} has no stored strategy to export.")
@@ -59,9 +66,14 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     try:
         export_onnx(model, tmp / "model.onnx", image_size=data.image_size, metadata=metadata)
         x_test, y_test = data.subset("test")
-        checks = verify(model, tmp / "model.onnx", normalise(x_test, backbone.mean, backbone.std), y_test)
+        x_test = normalise(x_test, backbone.mean, backbone.std)
+        checks = verify(model, tmp / "model.onnx", x_test, y_test)
         metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
-                   "retrained": retrained, "backbone": backbone.name, "data": data.name}
+                   "retrained": retrained, "backbone": backbone.name, "data": data.name,
+                   "precisions": list(precisions), "variants": {}}
+        for p in precisions[1:]:
+            variant = make_variant(tmp / "model.onnx", p, _calibration_images(data, backbone) if p == "int8" else None)
+            metrics["variants"][p] = check_variant(variant, tmp / "model.onnx", x_test.numpy(), y_test.numpy())
         _write_json(tmp / "metrics.json", metrics)
         _write_json(tmp / "strategy.json", {**strategy.to_dict(), "backbone": backbone.name,
                                             "description": strategy.describe(backbone.group_names)})
@@ -75,12 +87,20 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     return ExportResult(dest, metrics, retrained)
 
 
-def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache) -> ExportResult:
-    """Write the leaderboard and export the best trial to `out/best/`."""
+def _calibration_images(data: ImageData, backbone: Backbone, n: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """A seeded random sample of TRAIN images, preprocessed, for int8 calibration (never the test split)."""
+    x, _ = data.subset("train")
+    pick = np.sort(np.random.default_rng(0).permutation(len(x))[:n])
+    return normalise(x[pick], backbone.mean, backbone.std).numpy()
+
+
+def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache, *,
+                 precision: Sequence[str] = ("fp32",)) -> ExportResult:
+    """Write the leaderboard and export the best trial (in each of `precision`) to `out/best/`."""
     write_leaderboard(leaderboard(study), config.out)
     best = best_trial(study)
     if best is None:
         raise AutotransferError(f"Study {study.study_name!r} has no complete trial to export; see "
                                 f"{config.out / 'leaderboard.md'} for why trials failed.")
     return export_trial(study, best.number, backbone, cache, study_out=config.out,
-                        dest=config.out / "best")
+                        dest=config.out / "best", precision=precision)

@@ -149,7 +149,7 @@ def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCach
         return SearchSpace(**stored)
     prior = build_prior(cache, max_epochs=config.max_epochs, seed=config.seed)
     if not study.trials:
-        for s in prior.first_strategies:
+        for s in prior.first_strategies[:config.budget]:  # no waiting trials left over past the budget
             study.enqueue_trial(enqueue_params(s), user_attrs={"enqueued": "prior"}, skip_if_exists=True)
     study.set_user_attr("search_space", dataclasses.asdict(prior.space))
     study.set_user_attr("prior", {"quadrant": prior.quadrant, "reason": prior.reason,

@@ -38,6 +38,9 @@ def test_verify_reports_parity_and_accuracy(tiny, digits16, tmp_path):
     with torch.no_grad():
         expected = (model(normalise(x, tiny.mean, tiny.std)).argmax(1) == y).float().mean().item()
     assert out["test_accuracy"] == pytest.approx(expected)
+    with torch.no_grad():
+        scale = model(normalise(x, tiny.mean, tiny.std)).abs().max().item()
+    assert out["onnx_parity_tolerance"] == pytest.approx(1e-4 + 1e-5 * scale, rel=1e-3)
 
 
 def test_verify_fails_loudly_when_onnx_and_torch_disagree(tiny, digits16, tmp_path):

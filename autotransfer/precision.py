@@ -1,0 +1,139 @@
+"""fp16 and int8 variants of an exported fp32 model, each checked on the test split against fp32.
+
+fp16 halves the file and pays off on GPU providers; int8 (static, QDQ, calibrated on training images) is the
+CPU deployment option. Both keep the fp32 model's input/output names, float32 I/O and metadata_props.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from autotransfer.errors import ConfigError
+from autotransfer.runtime import cpu_session
+
+logger = logging.getLogger(__name__)
+PRECISIONS = ("fp32", "fp16", "int8")
+MAX_ACCURACY_DROP = 0.01  # a variant losing more than 1 point of test accuracy is reported as degraded
+CALIBRATION_IMAGES = 256  # training images used to calibrate int8 activation ranges
+_CALIBRATION_BATCH = 32
+
+
+def variant_path(fp32_path: Path, precision: str) -> Path:
+    """`model.onnx` -> `model.fp16.onnx` / `model.int8.onnx` (fp32 is the file itself)."""
+    return fp32_path if precision == "fp32" else fp32_path.with_name(f"{fp32_path.stem}.{precision}.onnx")
+
+
+def parse_precisions(values: Iterable[str] | None) -> tuple[str, ...]:
+    """Flags like ["fp16,int8", "fp32"] -> ("fp32", "fp16", "int8"); fp32 is always exported first."""
+    found = {"fp32"}
+    for value in values or ():
+        for item in str(value).split(","):
+            item = item.strip().lower()
+            if item and item not in PRECISIONS:
+                raise ConfigError(f"Unknown precision {item!r}; choose from {', '.join(PRECISIONS)} "
+                                  "(repeat --precision or separate with commas, e.g. --precision fp16,int8).")
+            found.add(item or "fp32")
+    return tuple(p for p in PRECISIONS if p in found)
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """`--precision fp32|fp16|int8` (repeatable, comma-separated); parse the result with `parse_precisions`."""
+    parser.add_argument("--precision", action="append", default=None, metavar="fp32|fp16|int8",
+                        help="also write model.fp16.onnx / model.int8.onnx, each checked against fp32 on the test "
+                             "split (repeat or comma-separate; default: fp32 only)")
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over a float32 array, in small batches."""
+
+    def __init__(self, images: np.ndarray, input_name: str) -> None:
+        self._batches = iter([images[i:i + _CALIBRATION_BATCH] for i in range(0, len(images), _CALIBRATION_BATCH)])
+        self._name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self._name: np.ascontiguousarray(batch, np.float32)}
+
+
+def _make_fp16(fp32_path: Path, dest: Path) -> None:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save_model(model, str(dest))
+
+
+def _make_int8(fp32_path: Path, dest: Path, calibration_images: np.ndarray) -> None:
+    """Static QDQ quantisation: per-channel int8 weights, uint8 activations from MinMax calibration.
+
+    Measured on Lite0/digits (269 test images, top-1 agreement with fp32): defaults 83.3 %; reduce_range 95.9 %
+    (AVX2 without VNNI saturates u8*s8 sums; the unfused QDQ graph gives 98.1 %); also keeping the first conv
+    in float 98.1 %. Percentile/Entropy calibration, s8 activations, u8 weights, 5x more calibration images
+    and excluding the head or any one stage did not do better.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if calibration_images is None or len(calibration_images) == 0:
+        raise ConfigError("int8 needs calibration images (a few hundred training images, preprocessed).")
+    pre = dest.with_name(f".{dest.stem}.pre.onnx")
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # ORT warns on the root logger about 1-D (BatchNorm) weights
+    try:
+        # ONNX shape inference suffices for a CNN with static C/H/W; the symbolic pass (for transformers) needs
+        # sympy and fails on the Concat of avgmax pooling.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        graph = onnx.load(str(pre), load_external_data=False).graph
+        first_conv = [n.name for n in graph.node if n.op_type == "Conv"][:1]  # sees raw pixels: most sensitive
+        quantize_static(str(pre), str(dest), _Calibration(calibration_images[:CALIBRATION_IMAGES], graph.input[0].name),
+                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=first_conv)
+    finally:
+        root.setLevel(level)
+        pre.unlink(missing_ok=True)
+
+
+def make_variant(fp32_path: Path, precision: str, calibration_images: np.ndarray | None = None) -> Path:
+    """Write the `precision` variant of `fp32_path` beside it and return its path.
+
+    `calibration_images`: preprocessed float32 [N,3,S,S] TRAIN images (int8 only; test images would leak).
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}.")
+    dest = variant_path(fp32_path, precision)
+    if precision == "fp16":
+        _make_fp16(fp32_path, dest)
+    elif precision == "int8":
+        _make_int8(fp32_path, dest, calibration_images)
+    return dest
+
+
+def _logits(path: Path, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    session = cpu_session(path)
+    return np.concatenate([session.run(["logits"], {"input": x[i:i + batch_size]})[0]
+                           for i in range(0, len(x), batch_size)])
+
+
+def check_variant(variant: Path, fp32_path: Path, x: np.ndarray, y: Sequence[int] | np.ndarray, *,
+                  max_drop: float = MAX_ACCURACY_DROP) -> dict[str, object]:
+    """Test-split accuracy of `variant` and its top-1 agreement with fp32, both through onnxruntime (CPU).
+
+    `degraded` is True when it is more than `max_drop` (absolute) less accurate than fp32.
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.asarray(y)
+    ref = _logits(fp32_path, x).argmax(1)
+    got = _logits(variant, x).argmax(1)
+    accuracy, fp32_accuracy = float((got == y).mean()), float((ref == y).mean())
+    drop = fp32_accuracy - accuracy
+    if drop > max_drop:
+        logger.warning("%s loses %.1f points of test accuracy against fp32", variant.name, 100 * drop)
+    return {"file": variant.name, "test_accuracy": accuracy, "top1_agreement": float((got == ref).mean()),
+            "accuracy_drop": drop, "degraded": bool(drop > max_drop), "size_bytes": variant.stat().st_size}

@@ -1,0 +1,97 @@
+"""onnxruntime sessions: provider choice with fallback, tuned CPU options, the model's metadata.
+
+Imports neither torch nor onnx, so a GPU inference image needs only onnxruntime-gpu, numpy and pillow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from autotransfer.errors import ConfigError, ExportError
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)  # `auto` tries them in this order
+
+
+def _ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ConfigError("onnxruntime is not installed; `pip install 'autotransfer[cpu]'` (CPU) or "
+                          "`pip install 'autotransfer[gpu]'` (CUDA).") from None
+    return ort
+
+
+def physical_cores() -> int:
+    """Cores this process may use; one intra-op thread per core beats ORT's default on small CNNs."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(*, threads: int | None = None):
+    """Full graph optimisation and a fixed thread count (`threads=None`: one per available core)."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or physical_cores()
+    return options
+
+
+def provider_list(provider: str = "auto") -> list[str]:
+    """Execution providers to request, best first; CPU always last so unsupported nodes still run."""
+    if provider not in PROVIDER_CHOICES:
+        raise ConfigError(f"Unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}.")
+    available = set(_ort().get_available_providers())
+    wanted = list(PROVIDERS.values()) if provider == "auto" else [PROVIDERS[provider], PROVIDERS["cpu"]]
+    if wanted[0] not in available and provider not in ("auto", "cpu"):
+        raise ConfigError(f"Provider {provider!r} is not available in this onnxruntime (available: "
+                          f"{', '.join(sorted(available))}); install 'autotransfer[gpu]' on a CUDA machine "
+                          "or use --provider auto.")
+    return [p for p in dict.fromkeys(wanted) if p in available]
+
+
+def open_session(model_path: str | Path, *, provider: str = "auto", threads: int | None = None):
+    """Session for `model_path` on `provider` (`auto`: TensorRT, then CUDA, then CPU, as available).
+
+    Raises ConfigError for a missing file or an unavailable provider, ExportError for an unreadable model.
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise ConfigError(f"Model {str(path)!r} does not exist; pass the path of an exported model.onnx.")
+    ort = _ort()
+    providers = provider_list(provider)
+    if PROVIDERS["cuda"] in providers and "torch" not in sys.modules:
+        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn]
+    try:
+        session = ort.InferenceSession(str(path), session_options(threads=threads), providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
+        raise ExportError(f"Model {str(path)!r} is not a readable ONNX model ({type(e).__name__}); re-export it "
+                          "with `autotransfer search` or pass another file.") from None
+    if provider != "auto" and session.get_providers()[0] != PROVIDERS[provider]:
+        raise ConfigError(f"Provider {provider!r} failed to start for {str(path)!r} (running on "
+                          f"{session.get_providers()[0]}); check the CUDA/TensorRT install or use --provider auto.")
+    return session
+
+
+def cpu_session(path: str | Path, *, threads: int | None = None):
+    """A CPU session (exact fp32 kernels, used for the export checks)."""
+    return open_session(path, provider="cpu", threads=threads)
+
+
+def read_metadata(session) -> dict[str, Any]:
+    """metadata_props of an onnxruntime session, JSON-decoded."""
+    raw = session.get_modelmeta().custom_metadata_map
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out

@@ -1,0 +1,101 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from autotransfer.cli import main
+from autotransfer.errors import ConfigError
+from autotransfer.features import normalise
+from autotransfer.precision import check_variant, parse_precisions, variant_path
+from autotransfer.predict import Predictor
+from autotransfer.runtime import cpu_session, read_metadata
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def best(tmp_path_factory):
+    """One tiny search exported in all three precisions (shared: a search is the slow part)."""
+    out = tmp_path_factory.mktemp("precision") / "run"
+    assert main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "2", "--max-epochs", "2",
+                 "--out", str(out), "--precision", "fp16", "--precision", "int8"]) == 0
+    return out / "best"
+
+
+def test_parse_precisions_accepts_repeats_and_commas_and_always_keeps_fp32():
+    assert parse_precisions(None) == ("fp32",)
+    assert parse_precisions(["int8,fp16"]) == ("fp32", "fp16", "int8")
+    assert parse_precisions(["FP16", "fp32", "fp16"]) == ("fp32", "fp16")
+    with pytest.raises(ConfigError, match="Unknown precision 'bf16'"):
+        parse_precisions(["fp16,bf16"])
+    assert variant_path(Path("a/model.onnx"), "int8").name == "model.int8.onnx"
+
+
+def test_unknown_precision_fails_before_the_search(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["search", "digits", "--backbone", TINY, "--out", str(out), "--precision", "int4"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown precision 'int4'" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_search_writes_each_variant_with_its_checks(best, capsys):
+    metrics = json.loads((best / "metrics.json").read_text())
+    assert metrics["precisions"] == ["fp32", "fp16", "int8"]
+    assert set(metrics["variants"]) == {"fp16", "int8"}
+    fp16, int8 = metrics["variants"]["fp16"], metrics["variants"]["int8"]
+    assert fp16["file"] == "model.fp16.onnx" and int8["file"] == "model.int8.onnx"
+    assert fp16["top1_agreement"] >= 0.99 and int8["top1_agreement"] >= 0.95
+    for v in (fp16, int8):
+        assert v["accuracy_drop"] == pytest.approx(metrics["test_accuracy"] - v["test_accuracy"])
+        assert v["degraded"] == (v["accuracy_drop"] > 0.01)
+        assert v["size_bytes"] == (best / v["file"]).stat().st_size < (best / "model.onnx").stat().st_size
+
+
+def test_variants_keep_io_types_metadata_and_are_really_converted(best):
+    fp32_meta = read_metadata(cpu_session(best / "model.onnx"))
+    for name in ("model.fp16.onnx", "model.int8.onnx"):
+        session = cpu_session(best / name)
+        assert session.get_inputs()[0].type == "tensor(float)" and session.get_outputs()[0].name == "logits"
+        meta = read_metadata(session)
+        assert {k: meta[k] for k in ("class_names", "input_size", "mean", "std")} == \
+               {k: fp32_meta[k] for k in ("class_names", "input_size", "mean", "std")}
+    fp16 = onnx.load(str(best / "model.fp16.onnx"))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in fp16.graph.initializer)
+    int8 = onnx.load(str(best / "model.int8.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in int8.graph.initializer)
+
+
+def test_predict_runs_every_variant(best, digits16, tmp_path):
+    from PIL import Image
+
+    x, _ = digits16.subset("test")
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(x[i].permute(1, 2, 0).numpy()).save(paths[-1])
+    results = {name: Predictor(best / name).predict(paths, batch_size=5)
+               for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx")}
+    classes = {name: [r["class"] for r in rows] for name, rows in results.items()}
+    for variant in ("model.fp16.onnx", "model.int8.onnx"):  # a 2-epoch tiny model has some near-ties
+        assert sum(a == b for a, b in zip(classes[variant], classes["model.onnx"], strict=True)) >= 10
+
+
+def test_check_variant_reports_a_variant_that_loses_accuracy(best, digits16, tmp_path):
+    broken = tmp_path / "model.broken.onnx"
+    shutil.copy(best / "model.onnx", broken)
+    model = onnx.load(str(broken))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    bias = next(t for t in model.graph.initializer if t.name == gemm.input[2])
+    values = numpy_helper.to_array(bias).copy()
+    values[0] += 1e3  # every image becomes class 0
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.save_model(model, str(broken))
+    x, y = digits16.subset("test")
+    out = check_variant(broken, best / "model.onnx", normalise(x, (0.5,) * 3, (0.5,) * 3).numpy(), y.numpy())
+    assert out["degraded"] is True and out["accuracy_drop"] > 0.5
+    assert out["test_accuracy"] == pytest.approx(float(np.mean(y.numpy() == 0)))
