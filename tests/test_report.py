@@ -250,7 +250,8 @@ def test_optuna_cli_reads_our_study_with_readable_names(searched):
     study = _open(searched)
     assert [t["number"] for t in trials] == [t.number for t in study.trials]
     first = trials[0]
-    assert {"tap", "freeze", "head", "pool", "lr", "optimizer"} <= set(first["params"])
+    assert {"tap", "trainable_groups", "head", "pool", "optimizer"} <= set(first["params"])
+    assert f"lr_{first['params']['optimizer']}" in first["params"], "the LR is named per optimizer"
     assert first["user_attrs"]["strategy"]["tap"] == first["params"]["tap"] and "seconds" in first["user_attrs"]
     assert first["state"] == "COMPLETE" and first["value"] == study.trials[0].value
     best = _optuna_cli("best-trial", "--study-name", "digits", "--storage", storage, "-f", "json")
