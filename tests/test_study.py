@@ -85,7 +85,7 @@ def test_a_hopeless_fine_tuning_trial_stops_after_its_first_epoch(tmp_path, tiny
     from autotransfer import study as study_module
 
     good = Strategy(tap=3, freeze=2, lr=0.05, epochs=3, probe_epochs=1)
-    hopeless = Strategy(tap=3, freeze=2, lr=0.1, epochs=3, probe_epochs=1, weight_decay=50.0)  # weights decay to 0
+    hopeless = Strategy(tap=3, freeze=2, lr=0.1, epochs=3, probe_epochs=1, weight_decay=5.0)  # weights shrink to 0
     prior = build_prior(tiny_cache, max_epochs=3)
     monkeypatch.setattr(study_module, "build_prior",
                         lambda *a, **k: dataclasses.replace(prior, first_strategies=[good, hopeless]))
