@@ -193,6 +193,7 @@ def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fal
           f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
     print(f"study {config.study_name!r} in {config.storage}")
     space = search_space(study, config, cache)
+    cache.boundary(1)  # load (or compute and persist) now: the line below reports it, and workers load it
     prior = study.user_attrs.get("prior", {})
     low, high = space.tap_range
     print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
