@@ -40,12 +40,15 @@ def forward_pass_seconds(backbone, data) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(x), cache.batch_size):
-            backbone.groups(cache.as_input(x[i:i + cache.batch_size]))
+            h = cache.as_input(x[i:i + cache.batch_size])
+            for group in backbone.groups:
+                h = group(h)
     return time.perf_counter() - start
 
 
 def ours(trials: int, out: Path) -> tuple[float, float, optuna.Study]:
     start = time.perf_counter()
+    out.mkdir(parents=True)
     backbone = get_backbone("efficientnet_lite0")
     data = load_data("digits")
     cache = ActivationCache(backbone, data, folder=out / "cache")
@@ -57,6 +60,7 @@ def ours(trials: int, out: Path) -> tuple[float, float, optuna.Study]:
 def naive(trials: int, out: Path, log) -> tuple[float, float]:
     """The same search with no cache and no pruning: a loop a user would write around the same trainer."""
     start = time.perf_counter()
+    out.mkdir(parents=True)
     backbone = get_backbone("efficientnet_lite0")
     data = load_data("digits")
     images = ActivationCache(backbone, data)  # only boundary 0 (normalised images) is read: no forward pass
