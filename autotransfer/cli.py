@@ -170,6 +170,7 @@ def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fal
     import optuna
     from tqdm.auto import tqdm
 
+    from autotransfer.device import threads_per_worker
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
     from autotransfer.studies import record_source
@@ -182,7 +183,7 @@ def _run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fal
         run_study,
         search_space,
     )
-    from autotransfer.workers import diversify_sampler, run_workers, threads_per_worker
+    from autotransfer.workers import diversify_sampler, run_workers
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     if source is not None:  # lets `export` rebuild the inputs of any trial and `report` name the groups

@@ -36,10 +36,15 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
+def threads_per_worker(workers: int = 1) -> int:
+    """An equal share of the CPU cores this process may use (its affinity mask where there is one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers))
+
+
 def configure_threads(workers: int = 1) -> int:
     """Give each of `workers` processes an equal share of the CPU cores; returns this process's threads."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // max(1, workers))
+    threads = threads_per_worker(workers)
     torch.set_num_threads(threads)
     return threads
 

@@ -9,7 +9,6 @@ the activation cache once and persists it in the output folder, and each worker 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -21,21 +20,13 @@ import torch
 
 from autotransfer.backbones import Backbone
 from autotransfer.data import ImageData
+from autotransfer.device import configure_threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import DEFAULT_MEMORY_LIMIT
 from autotransfer.study import StudyConfig
 
 EXIT_INTERRUPTED = 130
 STOP_SECONDS = 60  # how long an interrupted worker may take to mark its trial before it is killed
-
-
-def cpu_threads() -> int:
-    """CPU cores this process may use (its affinity mask where the platform has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def threads_per_worker(workers: int) -> int:
-    return max(1, cpu_threads() // workers)
 
 
 def _interrupt(signum: int, frame: object) -> NoReturn:
@@ -80,7 +71,7 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    torch.set_num_threads(threads_per_worker(workers))
+    configure_threads(workers)
     with sigterm_as_interrupt():  # the parent forwards Ctrl-C once, as SIGTERM (SIGINT is ignored here)
         try:
             study = open_study(config, backbone=backbone, data_fingerprint=data.fingerprint)
