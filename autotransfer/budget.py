@@ -14,12 +14,13 @@ import time
 from dataclasses import dataclass
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autotransfer.storage import fail_lost_trials
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 NOT_RUN_REASON = "not run: other workers had already taken the whole budget"
+TWIN_REASON = "not run: the prior's strategy was queued twice; trial {} runs it"
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,33 @@ class Counts:
         return self.finished + self.running < budget
 
 
+def not_run(trial: FrozenTrial) -> bool:
+    """A trial failed on purpose before it trained (lost the race for a slot, or a duplicate): not a failure."""
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith("not run")
+
+
 def count(study: optuna.Study) -> Counts:
-    by_state = [t.state for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    by_state = [t.state for t in trials]
     return Counts(finished=sum(s in FINISHED for s in by_state), running=by_state.count(TrialState.RUNNING),
-                  waiting=by_state.count(TrialState.WAITING), failed=by_state.count(TrialState.FAIL))
+                  waiting=by_state.count(TrialState.WAITING),
+                  failed=sum(t.state == TrialState.FAIL and not not_run(t) for t in trials))
+
+
+def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
+    """The number of a lower-numbered queued trial with the same parameters, when `trial` was queued by the prior.
+
+    Processes that open a new study at the same moment each queue the prior's strategies (the check that the
+    study is empty races), so a strategy can be queued twice; the copy with the higher number does not run.
+    """
+    mine = study._storage.get_trial(trial._trial_id)
+    if mine.user_attrs.get("enqueued") != "prior":
+        return None
+    for other in study.get_trials(deepcopy=False):
+        if (other.number < trial.number and other.user_attrs.get("enqueued") == "prior" and other.state != TrialState.FAIL
+                and other.params == mine.params):  # a failed one (lost, interrupted) is retried by this copy
+            return other.number
+    return None
 
 
 def has_place(study: optuna.Study, trial: optuna.Trial, budget: int) -> bool:

@@ -9,9 +9,11 @@ failed with the reason in its user attributes and queues a copy with the same pa
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
@@ -20,6 +22,7 @@ from autotransfer.errors import ConfigError
 DEFAULT_HEARTBEAT = 10  # seconds between heartbeats of a running trial
 GRACE_INTERVALS = 3  # a trial silent for this many heartbeat intervals is considered lost
 SQLITE_TIMEOUT = 120  # seconds a worker waits for SQLite's write lock before giving up
+SCHEMA_RACE_RETRIES = 5  # attempts after losing the race to create a fresh database's tables
 LOST_REASON = "lost: its process stopped sending heartbeats (killed or crashed); retried as a new trial"
 # Written by one attempt; a retried copy starts without them.
 _ATTEMPT_ATTRS = ("fail_reason", "seconds", "epochs_run")
@@ -73,19 +76,34 @@ def open_storage(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.stor
     if "://" not in url:
         raise ConfigError(f"Storage URL {url!r} has no scheme; pass an Optuna storage URL such as "
                           "sqlite:///study.db or postgresql://user:pass@host/db.")
-    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}} if url.startswith("sqlite") else {}
     try:
-        with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _HeartbeatStorage(_sqlalchemy_url(url), engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
-                              grace_period=GRACE_INTERVALS * heartbeat,
-                              heartbeat_stale_trial_callback=_RetryLostTrial())
+        return _open_rdb(url, heartbeat)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
         detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
         hint = _driver_hint(url) if isinstance(e, ImportError) else ""
         raise ConfigError(f"Storage URL {url!r} cannot be opened ({type(e).__name__}: {detail}){hint}; "
                           "pass an Optuna storage URL such as sqlite:///study.db or "
                           "postgresql://user:pass@host/db.") from None
+
+
+def _open_rdb(url: str, heartbeat: int) -> RDBStorage:
+    """Open the storage; when several machines create the schema of a fresh database at the same moment, the
+    losers see "already exists" or a duplicate key, so they wait a moment and open the now complete schema."""
+    engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT}} if url.startswith("sqlite") else {}
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return _HeartbeatStorage(_sqlalchemy_url(url), engine_kwargs=engine_kwargs,
+                                         heartbeat_interval=heartbeat, grace_period=GRACE_INTERVALS * heartbeat,
+                                         heartbeat_stale_trial_callback=_RetryLostTrial())
+        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError) as e:
+            message = str(e).lower()
+            racing = "already exists" in message or "duplicate" in message or "unique" in message
+            if not racing or attempt == SCHEMA_RACE_RETRIES:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def fail_lost_trials(study: optuna.Study) -> None:

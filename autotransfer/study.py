@@ -21,7 +21,7 @@ import torch
 from optuna.trial import TrialState
 
 from autotransfer.backbones import Backbone
-from autotransfer.budget import NOT_RUN_REASON, count, has_place, wait_for_slot
+from autotransfer.budget import NOT_RUN_REASON, TWIN_REASON, count, earlier_twin, has_place, not_run, wait_for_slot
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
@@ -178,6 +178,10 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
             trial.set_user_attr("fail_reason", NOT_RUN_REASON)
             study.stop()
             raise _NotRun(NOT_RUN_REASON)
+        twin = earlier_twin(study, trial)
+        if twin is not None:
+            trial.set_user_attr("fail_reason", TWIN_REASON.format(twin))
+            raise _NotRun(TWIN_REASON.format(twin))
         started = time.perf_counter()
         try:
             return _train(trial)
@@ -217,7 +221,7 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         return result.val_accuracy
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason") != NOT_RUN_REASON:
+        if trial.state == TrialState.FAIL and not not_run(trial):
             failures[0] += 1
         if on_trial is not None:
             on_trial(study, trial)

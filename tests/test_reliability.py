@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 import autotransfer.study as study_module
 import autotransfer.trainer as trainer_module
-from autotransfer.budget import NOT_RUN_REASON, has_place
+from autotransfer.budget import TWIN_REASON, count, earlier_twin, has_place, not_run
 from autotransfer.report import leaderboard
 from autotransfer.storage import LOST_REASON, open_storage
 from autotransfer.study import StudyConfig, default_storage, finished_trials, run_study
@@ -141,7 +141,7 @@ def test_workers_share_one_study_and_finish_exactly_the_budget(tmp_path):
     assert f"3 worker processes, {max(1, len(os.sched_getaffinity(0)) // 3)} CPU thread(s) each" in stdout
     study = _load(default_storage(out))
     assert finished_trials(study) == 6
-    assert all(t.state in FINISHED or t.user_attrs.get("fail_reason") == NOT_RUN_REASON for t in study.trials)
+    assert all(t.state in FINISHED or not_run(t) for t in study.trials)
     lines = [line for line in stdout.splitlines() if line.startswith("[worker ")]
     numbers = [int(line.split("trial")[1].split()[0]) for line in lines]
     assert len(numbers) == len(set(numbers)) == len(study.trials), "every trial ran once, in one worker"
@@ -171,11 +171,51 @@ def test_three_processes_on_postgresql_share_one_budget(tmp_path, postgres_url):
     study = _load(postgres_url, "shared")
     assert finished_trials(study) == 6, "the budget counts the study's trials, not each process's"
     assert TrialState.RUNNING not in [t.state for t in study.trials]
-    ran = [int(line.split()[1]) for stdout, _ in outputs for line in stdout.splitlines() if line.startswith("trial ")]
-    assert len(ran) == len(set(ran)) == len(study.trials), "no trial ran twice"
+    ran = [int(line.split()[1]) for stdout, _ in outputs for line in stdout.splitlines()
+           if line.startswith("trial ") and line.split()[2] in ("complete", "pruned")]
+    finished = [t.number for t in study.trials if t.state in FINISHED]
+    assert sorted(ran) == sorted(set(ran)) == finished, "every finished trial ran once, and no trial ran twice"
+    others = [t for t in study.trials if t.state not in FINISHED]
+    assert all(not_run(t) or t.state == TrialState.WAITING for t in others), \
+        "the only extra trials lost the race for a slot, or are copies of the prior's strategies never needed"
+    prior_params = [t.params for t in study.trials if t.state in FINISHED and t.user_attrs.get("enqueued") == "prior"]
+    assert len(prior_params) == len({tuple(sorted(p.items())) for p in prior_params}), "no prior strategy ran twice"
     assert sum(any(line.startswith("trial ") for line in o.splitlines()) for o, _ in outputs) >= 2
     for i in range(3):
         assert (tmp_path / f"machine{i}" / "best" / "model.onnx").is_file()
+
+
+@pytest.mark.postgres
+def test_machines_racing_to_create_a_fresh_database_schema_all_open_it(postgres_url):
+    """Several machines pointed at an empty database at once: the ones that lose the table-creation race
+    must open the schema the winner made, not fail with "relation already exists"."""
+    import threading
+
+    import sqlalchemy
+
+    admin = sqlalchemy.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"),
+                                     isolation_level="AUTOCOMMIT")
+    for round_ in range(3):
+        name = f"race{round_}"
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+        url = postgres_url.rsplit("/", 1)[0] + "/" + name
+        start, errors = threading.Barrier(6), []
+
+        def open_it(url=url, start=start, errors=errors):
+            start.wait()
+            try:
+                open_storage(url).get_all_studies()
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == [], errors[0]
+    admin.dispose()
 
 
 def test_a_broken_trial_stays_alone(tmp_path, tiny, tiny_cache, monkeypatch):
@@ -242,3 +282,25 @@ def test_a_trial_past_the_shared_budget_is_not_run(tmp_path):
     assert has_place(study, second, budget=2), "a failed trial frees its slot"
     study.enqueue_trial({})
     assert not has_place(study, study.ask(), budget=2), "trials 0 and 2 hold the budget"
+
+
+def test_a_prior_strategy_queued_twice_runs_once_and_is_not_counted_as_a_failure(tmp_path):
+    """Processes opening a new study together can each queue the prior's strategies; the later copy gives way."""
+    study = optuna.create_study(storage=open_storage(default_storage(tmp_path)), study_name="twins")
+    for _ in range(2):
+        study.enqueue_trial({"x": 1.0}, user_attrs={"enqueued": "prior"})
+    study.enqueue_trial({"x": 2.0}, user_attrs={"enqueued": "prior"})
+    first, second, third = study.ask(), study.ask(), study.ask()
+    for trial in (first, second, third):
+        trial.suggest_float("x", 0, 3)
+    assert earlier_twin(study, first) is None and earlier_twin(study, third) is None
+    assert earlier_twin(study, second) == first.number
+    second.set_user_attr("fail_reason", TWIN_REASON.format(first.number))
+    study.tell(second, state=TrialState.FAIL)
+    study.tell(third, state=TrialState.FAIL)
+    assert count(study).failed == 1, "the twin that gave way is not a failure; trial 2 is"
+    assert not_run(study.trials[1]) and not not_run(study.trials[2])
+    study.enqueue_trial({"x": 2.0}, user_attrs={"enqueued": "prior"})  # e.g. the retry of a lost trial
+    retry = study.ask()
+    retry.suggest_float("x", 0, 3)
+    assert earlier_twin(study, retry) is None, "a failed earlier copy does not run the strategy: the retry must"
