@@ -58,8 +58,9 @@ def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
     if mine.user_attrs.get("enqueued") != "prior":
         return None
     for other in study.get_trials(deepcopy=False):
-        if (other.number < trial.number and other.user_attrs.get("enqueued") == "prior" and other.state != TrialState.FAIL
-                and other.params == mine.params):  # a failed one (lost, interrupted) is retried by this copy
+        # A failed earlier copy (lost, interrupted) does not count: this copy is its retry.
+        if (other.number < trial.number and other.user_attrs.get("enqueued") == "prior"
+                and other.state != TrialState.FAIL and other.params == mine.params):
             return other.number
     return None
 

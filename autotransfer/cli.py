@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from autotransfer import __version__
+from autotransfer.defaults import DEFAULT_MAX_EPOCHS
 from autotransfer.errors import AutotransferError, ConfigError
 from autotransfer.precision import add_precision_argument, parse_precisions
 
@@ -83,8 +84,8 @@ class _Search(_Command):
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<study-name>)")
         parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
         parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
-        parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=4,
-                            help="most epochs of a fine-tuning trial (default: 4)")
+        parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=DEFAULT_MAX_EPOCHS,
+                            help=f"most epochs of a fine-tuning trial (default: {DEFAULT_MAX_EPOCHS})")
         parser.add_argument("--workers", type=_positive_int("--workers"), default=1,
                             help="worker processes on this machine, sharing the CPU threads (default: 1)")
         parser.add_argument("--heartbeat", type=_positive_int("--heartbeat"), default=None,
@@ -261,8 +262,8 @@ class _Recommend(_Command):
         parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<data name>)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-        parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=4,
-                            help="epochs of the recommended fine-tuning strategies (default: 4)")
+        parser.add_argument("--max-epochs", type=_positive_int("--max-epochs"), default=DEFAULT_MAX_EPOCHS,
+                            help=f"epochs of the recommended fine-tuning strategies (default: {DEFAULT_MAX_EPOCHS})")
         _add_data_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:

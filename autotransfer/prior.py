@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from autotransfer.defaults import DEFAULT_MAX_EPOCHS
 from autotransfer.features import ActivationCache
 from autotransfer.strategy import HEAD_ONLY_EPOCHS, SearchSpace, Strategy
 
@@ -142,7 +143,7 @@ def score_groups(cache: ActivationCache) -> list[GroupScore]:
     return scores
 
 
-def build_prior(cache: ActivationCache, *, max_epochs: int = 4, seed: int = 0) -> Prior:
+def build_prior(cache: ActivationCache, *, max_epochs: int = DEFAULT_MAX_EPOCHS, seed: int = 0) -> Prior:
     """Measure the data, place it in the quadrant, and derive the first trials and the narrowed space."""
     with torch.no_grad():
         scores = score_groups(cache)

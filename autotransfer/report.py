@@ -3,7 +3,8 @@
 Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
 number), `state` (complete, pruned, fail, running), `val_accuracy` (the objective value; for pruned and
 running trials the last reported one), one column per `Strategy` field (tap, freeze, pool, head, ..., seed),
-`epochs_run`, `pruned_at` (epochs run when pruned, empty otherwise), `seconds`, `note` (why it failed).
+`epochs_run` (a float: fine-tuning trials report every half epoch), `pruned_at` (epochs run when pruned,
+empty otherwise), `seconds`, `note` (why it failed).
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.Dat
         study, _ = load(study, storage)
     rows = [_row(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
-    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "epochs_run": "Int64",
-                    "pruned_at": "Int64", "seconds": "float64"})
+    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "epochs_run": "Float64",
+                    "pruned_at": "Float64", "seconds": "float64"})
     complete = df["state"] == "complete"
     df["_order"] = (~complete).astype(int)
     df = df.sort_values(["_order", "val_accuracy", "trial"], ascending=[True, False, True], na_position="last")

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autotransfer.defaults import DEFAULT_MAX_EPOCHS
 from autotransfer.errors import ConfigError
 from autotransfer.heads import HEADS, POOLS
 
@@ -112,7 +113,7 @@ class SearchSpace:
     """
 
     num_groups: int  # G: the backbone's groups
-    max_epochs: int = 4  # fine-tuning epochs are the expensive fidelity; head-only trials use HEAD_ONLY_EPOCHS
+    max_epochs: int = DEFAULT_MAX_EPOCHS  # head-only trials use HEAD_ONLY_EPOCHS
     min_tap: int = 1
     max_tap: int = 0  # 0: num_groups
     max_trainable: int = 0  # most groups a trial fine-tunes; 0: any number

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from autotransfer.backbones import Backbone
 from autotransfer.budget import NOT_RUN_REASON, TWIN_REASON, count, earlier_twin, has_place, not_run, wait_for_slot
+from autotransfer.defaults import DEFAULT_MAX_EPOCHS
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
@@ -29,7 +30,7 @@ from autotransfer.model import TransferModel, build_model
 from autotransfer.prior import build_prior
 from autotransfer.storage import DEFAULT_HEARTBEAT, fail_lost_trials, open_storage, requeue
 from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
-from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
+from autotransfer.trainer import REPORTS_PER_EPOCH, TrainingDiverged, TrialResult, train_trial
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -51,7 +52,7 @@ class StudyConfig:
     out: Path  # output folder: checkpoints, leaderboards, best/
     budget: int = 50  # finished trials in the study
     seed: int = 0
-    max_epochs: int = 4
+    max_epochs: int = DEFAULT_MAX_EPOCHS
     timeout: float | None = None  # seconds for this process
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     heartbeat: int = DEFAULT_HEARTBEAT  # seconds between heartbeats; a trial silent for 3 of them is retried
@@ -68,8 +69,9 @@ def open_study(config: StudyConfig, *, backbone: Backbone | None = None, data_fi
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=max(5, config.budget // 5))
-    # Successive halving on fine-tuning epochs: after epoch 1, only the best third of the fine-tuning trials
-    # that reached it go on to epoch 3. Head-only trials report nothing: at a second each, pruning saves nothing.
+    # Successive halving on half-epochs of fine-tuning: after half an epoch only the best third of the trials
+    # that reached it go on, and after 1.5 epochs the best third of those. Head-only trials report nothing: at a
+    # second each, pruning saves nothing.
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     storage = open_storage(config.storage, heartbeat=config.heartbeat)
     try:
@@ -201,11 +203,12 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         strategy = suggest_strategy(trial, space)
         trial.set_user_attr("strategy", strategy.to_dict())
 
-        def report(epoch: int, value: float) -> None:
-            trial.set_user_attr("epochs_run", epoch)
-            trial.report(value, epoch)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"val accuracy {value:.4f} after epoch {epoch}")
+        def report(step: int, value: float) -> None:  # Optuna's step: half-epochs (REPORTS_PER_EPOCH)
+            epochs = step / REPORTS_PER_EPOCH
+            trial.set_user_attr("epochs_run", epochs)
+            trial.report(value, step)
+            if epochs < strategy.epochs and trial.should_prune():  # the last epoch's result is complete: keep it
+                raise optuna.TrialPruned(f"val accuracy {value:.4f} after {epochs:g} epochs")
 
         try:
             result = train_trial(strategy, backbone, cache, report=report, device=device)

@@ -1,7 +1,7 @@
 """Train one strategy on cached activations and score it on the validation split.
 
-The trainer knows nothing about Optuna: it calls `report(epoch, val_accuracy)` after every epoch, and the
-caller decides whether that stops the trial (by raising from the callback).
+The trainer knows nothing about Optuna: a fine-tuning trial calls `report(step, val_accuracy)` every half
+epoch, and the caller decides whether that stops the trial (by raising from the callback).
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from autotransfer.model import TransferModel, build_model
 from autotransfer.strategy import PROBE_LR, Strategy
 
 Report = Callable[[int, float], None]
+# Validation checkpoints per fine-tuning epoch: a pruner can stop a hopeless trial after half an epoch. Each costs
+# one pass over the validation split through the trainable groups, a few percent of an epoch.
+REPORTS_PER_EPOCH = 2
 
 
 class TrainingDiverged(AutotransferError):
@@ -94,7 +97,7 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return correct / max(1, len(x))
 
 
-def _set_train_mode(model: TransferModel, strategy: Strategy) -> None:
+def _set_train_mode(model: TransferModel, strategy: Strategy, *, new_epoch: bool = True) -> None:
     """Head in train mode; trainable groups per `strategy.bn`; frozen groups in eval mode.
 
     With `bn == "train"` the running statistics restart every epoch as a plain average over that epoch's
@@ -107,7 +110,7 @@ def _set_train_mode(model: TransferModel, strategy: Strategy) -> None:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 if strategy.bn == "frozen":
                     m.eval()
-                else:
+                elif new_epoch:
                     m.reset_running_stats()
                     m.momentum = None  # cumulative average over the epoch
 
@@ -139,8 +142,9 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
                 device: torch.device | str = "cpu", use_cache: bool = True) -> TrialResult:
     """Train `strategy` from the activations at boundary `freeze`; return the final validation accuracy.
 
-    `report(epoch, val_accuracy)` is called after every fine-tuning epoch (epoch counts from 1); head-only
-    trials take about a second and report nothing, so a pruner only ever stops expensive trials.
+    `report(step, val_accuracy)` is called every 1/REPORTS_PER_EPOCH of a fine-tuning epoch (step counts
+    from 1); head-only trials take about a second and report nothing, so a pruner only ever stops expensive
+    trials.
     `use_cache=False` runs every batch through the whole model from the images instead (the naive
     baseline of `benchmarks/search_speed.py`); the training itself is the same.
     """
@@ -183,11 +187,18 @@ def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], 
     generator = torch.Generator().manual_seed(s.seed)
     y_train = y_train.to(device)
 
+    checkpoints = s.trains_backbone and report is not None
+    part_way = {round(steps_per_epoch * k / REPORTS_PER_EPOCH): k for k in range(1, REPORTS_PER_EPOCH)}
+    part_way.pop(0, None)  # an epoch of one batch has no middle
     history: list[float] = []
     for epoch in range(1, s.epochs + 1):
         _set_train_mode(model, s)
         order = torch.randperm(len(x_train), generator=generator)
-        for i in range(0, len(order), s.batch_size):
+        for step, i in enumerate(range(0, len(order), s.batch_size)):
+            if checkpoints and step in part_way:
+                model.eval()
+                report((epoch - 1) * REPORTS_PER_EPOCH + part_way[step], accuracy(forward, x_val, y_val, cache, device))
+                _set_train_mode(model, s, new_epoch=False)
             idx = order[i:i + s.batch_size]
             if len(idx) < 2 and i > 0:  # BatchNorm cannot train on a single example
                 continue
@@ -203,8 +214,8 @@ def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], 
             scheduler.step()
         model.eval()
         history.append(accuracy(forward, x_val, y_val, cache, device))
-        if report is not None and s.trains_backbone:
-            report(epoch, history[-1])
+        if checkpoints:
+            report(epoch * REPORTS_PER_EPOCH, history[-1])
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     return TrialResult(val_accuracy=history[-1], epochs_run=len(history), seconds=time.perf_counter() - start_time,
                        model=model, history=history)

@@ -81,7 +81,7 @@ def test_leaderboard_is_sorted_and_ranks_only_complete_trials(tmp_path, tiny, ti
     assert board.iloc[0].trial == best_trial(study).number
 
 
-def test_a_hopeless_fine_tuning_trial_stops_after_its_first_epoch(tmp_path, tiny, tiny_cache, monkeypatch):
+def test_a_hopeless_fine_tuning_trial_stops_after_half_an_epoch(tmp_path, tiny, tiny_cache, monkeypatch):
     from autotransfer import study as study_module
 
     good = Strategy(tap=3, freeze=2, lr=0.05, epochs=3, probe_epochs=1)
@@ -91,6 +91,6 @@ def test_a_hopeless_fine_tuning_trial_stops_after_its_first_epoch(tmp_path, tiny
                         lambda *a, **k: dataclasses.replace(prior, first_strategies=[good, hopeless]))
     study = run_study(_config(tmp_path, 2), tiny, tiny_cache)
     first, second = study.trials
-    assert first.state == optuna.trial.TrialState.COMPLETE and len(first.intermediate_values) == 3
+    assert first.state == optuna.trial.TrialState.COMPLETE and list(first.intermediate_values) == [1, 2, 3, 4, 5, 6]
     assert second.state == optuna.trial.TrialState.PRUNED and list(second.intermediate_values) == [1]
-    assert second.user_attrs["epochs_run"] == 1 and second.intermediate_values[1] < first.intermediate_values[1]
+    assert second.user_attrs["epochs_run"] == 0.5 and second.intermediate_values[1] < first.intermediate_values[1]

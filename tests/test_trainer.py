@@ -112,19 +112,32 @@ def test_a_probe_starts_fine_tuning_from_a_fitted_head(tiny, tiny_cache):
     assert with_probe > 0.8 * probe and without < 0.5 * probe
 
 
-def test_report_is_called_every_epoch_and_can_stop_the_trial(tiny, tiny_cache):
+def test_report_is_called_every_half_epoch_and_can_stop_the_trial(tiny, tiny_cache):
     calls = []
 
-    def report(epoch, value):
-        calls.append((epoch, value))
-        if epoch == 2:
+    def report(step, value):
+        calls.append((step, value))
+        if step == 3:
             raise KeyboardInterrupt  # any exception from the callback ends the trial
 
     train_trial(Strategy(tap=2, freeze=2, epochs=5), tiny, tiny_cache, report=report)
     assert calls == [], "head-only trials are not reported (nothing to prune)"
     with pytest.raises(KeyboardInterrupt):
         train_trial(Strategy(tap=2, freeze=1, epochs=5), tiny, tiny_cache, report=report)
-    assert [e for e, _ in calls] == [1, 2] and all(0 <= v <= 1 for _, v in calls)
+    assert [e for e, _ in calls] == [1, 2, 3] and all(0 <= v <= 1 for _, v in calls)
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_the_half_epoch_checkpoints_do_not_change_what_is_learned(tiny, tiny_cache, bn):
+    """A checkpoint evaluates in eval mode, then training resumes mid-epoch with the BN statistics it had."""
+    s = Strategy(**dict(FINE_TUNE, bn=bn, epochs=3))
+    seen = []
+    reported = train_trial(s, tiny, tiny_cache, report=lambda step, value: seen.append(step))
+    silent = train_trial(s, tiny, tiny_cache)
+    assert seen == [1, 2, 3, 4, 5, 6]
+    assert reported.history == silent.history
+    for a, b in zip(reported.model.state_dict().values(), silent.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_nan_loss_raises_training_diverged(tiny, tiny_cache):
