@@ -42,9 +42,14 @@ def _env(trial_seconds: float = 0.0) -> dict[str, str]:
             "AUTOTRANSFER_TEST_TRIAL_SECONDS": str(trial_seconds)}
 
 
+def _default_sigint() -> None:
+    """A test run started in the background (`pytest &`) inherits an ignored SIGINT; the search must get Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cmd: list[str], trial_seconds: float = 0.0) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, env=_env(trial_seconds), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
