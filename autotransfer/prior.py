@@ -161,7 +161,7 @@ def build_prior(cache: ActivationCache, *, max_epochs: int = DEFAULT_MAX_EPOCHS,
     common = dict(head="linear", optimizer="sgd", weight_decay=1e-4, seed=seed)
     probe = dict(lr=0.05, **common)
     fine_tune = dict(lr=0.005, probe_epochs=HEAD_ONLY_EPOCHS, epochs=max_epochs, **common)  # LP-FT, for large data
-    adapt = dict(lr=0.02, bn="frozen", probe_epochs=1, epochs=max_epochs, **common)  # small data: BN stats kept
+    adapt = dict(lr=0.02, bn="frozen", probe_epochs=HEAD_ONLY_EPOCHS, epochs=max_epochs, **common)  # BN stats kept
     textbook = Strategy(tap=g, freeze=g, pool="avg", **probe)
     best_probe = Strategy(tap=best.group, freeze=best.group, pool="avgmax", **probe)
     per_class = f"{train_images / num_classes:.0f} training images per class"

@@ -202,16 +202,12 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
     def _train(trial: optuna.Trial) -> float:
         strategy = suggest_strategy(trial, space)
         trial.set_user_attr("strategy", strategy.to_dict())
-        # The prior's strategies always run to the end: the search is never worse than its recommendation,
-        # and early in a study successive halving would keep only the best of two or three at a rung.
-        from_prior = trial.user_attrs.get("enqueued") == "prior"
 
         def report(step: int, value: float) -> None:  # Optuna's step: half-epochs (REPORTS_PER_EPOCH)
             epochs = step / REPORTS_PER_EPOCH
             trial.set_user_attr("epochs_run", epochs)
             trial.report(value, step)
-            last = epochs >= strategy.epochs  # the last epoch's result is complete: keep it
-            if not last and trial.should_prune() and not from_prior:  # asked anyway: the rung records this trial
+            if epochs < strategy.epochs and trial.should_prune():  # the last epoch's result is complete: keep it
                 raise optuna.TrialPruned(f"val accuracy {value:.4f} after {epochs:g} epochs")
 
         try:
