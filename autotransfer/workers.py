@@ -65,7 +65,7 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
 
     import optuna
 
-    from autotransfer.cli import trial_line
+    from autotransfer.cli.search import trial_line
     from autotransfer.features import ActivationCache
     from autotransfer.study import open_study, run_study
 

@@ -1,0 +1,115 @@
+"""What the commands share: the parser that fails in one line, the command base, argument types and
+the flags and set-up used by several commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from autotransfer.errors import ConfigError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line that names the fix (the usage is one `--help` away), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+class Command:
+    """Base: `add_arguments` declares flags, `run` does the work and returns an exit code."""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def run(self, args: argparse.Namespace) -> int:
+        raise NotImplementedError
+
+
+def positive_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}; e.g. {name} 50")
+        return value
+
+    return parse
+
+
+def size_argument(name: str):
+    def parse(text: str) -> int:
+        from autotransfer.features import parse_size
+
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{name}: {e}") from None
+
+    return parse
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that read data through a backbone (search, recommend)."""
+    parser.add_argument("--image-size", type=positive_int("--image-size"), default=None,
+                        help="input size in pixels (default: per data set, 64 for digits)")
+    parser.add_argument("--cache-memory", type=size_argument("--cache-memory"), default="4G",
+                        help="memory for cached activations; beyond it float16, then memory-mapped disk "
+                             "(default: 4G)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where trials train; cuda uses bf16 autocast (default: auto)")
+
+
+def prepare(args: argparse.Namespace):
+    """Load data and backbone, make the output folder, open the activation cache persisted in it."""
+    from autotransfer.backbones import get_backbone
+    from autotransfer.data import load_data
+    from autotransfer.device import configure_threads, pick_device
+    from autotransfer.features import ActivationCache
+
+    pick_device(args.device)  # fail early on --device cuda without a GPU
+    configure_threads()
+    data = load_data(args.data, image_size=args.image_size, seed=args.seed)
+    backbone = get_backbone(args.backbone, args.weights)
+    out = args.out or Path("studies") / (getattr(args, "study_name", None) or data.name)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"Output folder {str(out)!r} is not writable ({e.strerror}); pass --out with a "
+                          "folder you can write to.") from None
+    return backbone, ActivationCache(backbone, data, folder=out / "cache", memory_limit=args.cache_memory), out, created
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that find an existing study, with `search`'s defaults (studies/<name>/study.db)."""
+    parser.add_argument("--study-name", default=None,
+                        help="default: the storage's only study, else 'digits' (search's default)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
+    parser.add_argument("--out", type=Path, default=None, help="the study's output folder "
+                        "(default: studies/<study-name>, as for search)")
+
+
+def writable(folder: Path) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Output folder {str(folder)!r} cannot be created ({e.strerror}); pass --out with a "
+                          "folder you can write to.") from None
+    return folder
+
+
+def print_variants(metrics: dict) -> None:
+    """One line per fp16/int8 variant in an export's metrics; a degraded one says so."""
+    for p, v in metrics.get("variants", {}).items():
+        flag = f"  DEGRADED: loses {100 * v['accuracy_drop']:.1f} points (> 1)" if v["degraded"] else ""
+        print(f"{p}: {v['file']}  test {v['test_accuracy']:.4f}  top-1 agreement with fp32 "
+              f"{v['top1_agreement']:.4f}  {v['size_bytes'] / 1e6:.1f} MB{flag}")

@@ -1,0 +1,170 @@
+"""`autotransfer search`: run the study with a live best-so-far, then export the best trial."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from autotransfer import __version__
+from autotransfer.cli.common import (
+    EXIT_INTERRUPTED,
+    Command,
+    add_data_arguments,
+    positive_int,
+    prepare,
+    print_variants,
+)
+from autotransfer.defaults import DEFAULT_MAX_EPOCHS
+from autotransfer.errors import AutotransferError
+from autotransfer.precision import add_precision_argument, parse_precisions
+
+
+class Search(Command):
+    """Search how to transfer a pretrained backbone to DATA; export the best model to ONNX.
+
+    DATA is a folder of class folders (optionally split into train/ val/ test/), a CSV of path,label, or
+    an embedded data set (`autotransfer datasets`). Rerunning the same command continues the study up to
+    the budget.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("data", nargs="?", default="digits", help="folder, CSV or embedded name (default: digits)")
+        parser.add_argument("--backbone", default="efficientnet_lite0", help="see `autotransfer backbones`")
+        parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
+        parser.add_argument("--budget", type=positive_int("--budget"), default=50,
+                            help="finished trials in the study (default: 50)")
+        parser.add_argument("--study-name", default=None, help="default: the data set's name")
+        parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
+        parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<study-name>)")
+        parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+        parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
+        parser.add_argument("--max-epochs", type=positive_int("--max-epochs"), default=DEFAULT_MAX_EPOCHS,
+                            help=f"most epochs of a fine-tuning trial (default: {DEFAULT_MAX_EPOCHS})")
+        parser.add_argument("--workers", type=positive_int("--workers"), default=1,
+                            help="worker processes on this machine, sharing the CPU threads (default: 1)")
+        parser.add_argument("--heartbeat", type=positive_int("--heartbeat"), default=None,
+                            help="seconds between a running trial's heartbeats; a trial silent for 3 of them "
+                                 "(its process died) is failed and run again (default: 10)")
+        add_data_arguments(parser)
+        add_precision_argument(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from autotransfer.storage import DEFAULT_HEARTBEAT
+        from autotransfer.study import StudyConfig, default_storage
+        from autotransfer.workers import sigterm_as_interrupt
+
+        precision = parse_precisions(args.precision)  # before any work: a typo must not cost a search
+        backbone, cache, out, created = prepare(args)
+        name = args.study_name or cache.data.name
+        config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
+                             budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout,
+                             device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
+        shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
+        source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
+                      weights=args.weights, group_names=backbone.group_names)
+        try:
+            with sigterm_as_interrupt():
+                return run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source,
+                                   precision=precision)
+        except AutotransferError:
+            if created and not any(out.glob("checkpoints/*")):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def trial_line(trial, backbone, best=None) -> str:
+    """One line per finished trial: number, state, accuracy (and the best so far), seconds, strategy, why it failed."""
+    from autotransfer.strategy import Strategy
+
+    described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
+        if "strategy" in trial.user_attrs else ""
+    value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
+    best_text = f" (best {best.value:.4f})" if best is not None else ""
+    reason = trial.user_attrs.get("fail_reason")
+    return (f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}{best_text}  "
+            f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
+
+
+def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False,
+                source: dict | None = None, precision: tuple[str, ...] = ("fp32",)) -> int:
+    import optuna
+    from tqdm.auto import tqdm
+
+    from autotransfer.device import threads_per_worker
+    from autotransfer.pipeline import finish_study
+    from autotransfer.report import leaderboard, to_markdown, write_leaderboard
+    from autotransfer.studies import record_source
+    from autotransfer.study import (
+        FINISHED,
+        best_trial,
+        default_storage,
+        finished_trials,
+        open_study,
+        run_study,
+        search_space,
+    )
+    from autotransfer.workers import diversify_sampler, run_workers
+
+    study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
+    if source is not None:  # lets `export` rebuild the inputs of any trial and `report` name the groups
+        record_source(study, **source)
+    data = cache.data
+    print(f"autotransfer {__version__}: {data.name} ({len(data.labels)} images, {len(data.classes)} classes, "
+          f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
+          f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
+    print(f"study {config.study_name!r} in {config.storage}")
+    space = search_space(study, config, cache)
+    cache.boundary(1)  # load (or compute and persist) now: the line below reports it, and workers load it
+    prior = study.user_attrs.get("prior", {})
+    low, high = space.tap_range
+    print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
+          f" ({cache.nbytes / 2**20:.0f} MiB{f', forward pass {cache.seconds:.1f}s' if cache.seconds else ''})")
+    names = backbone.group_names
+    print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}, fine-tune at most "
+          f"{space.trainable_range} group(s) under the tap")
+    bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
+               dynamic_ncols=True, file=sys.stdout, disable=True if workers > 1 else None)  # None: only on a tty
+
+    def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state in FINISHED:
+            bar.update(1)
+        best = best_trial(study)
+        bar.write(trial_line(trial, backbone, best))
+        if best is not None:
+            bar.set_postfix_str(f"best {best.value:.4f} (trial {best.number})")
+
+    try:
+        if workers == 1:
+            if reseed:
+                diversify_sampler(study)
+            study = run_study(config, backbone, cache, study=study, on_trial=on_trial)
+        else:
+            print(f"{workers} worker processes, {threads_per_worker(workers)} CPU thread(s) each")
+            run_workers(config, backbone, data, workers=workers, reseed=reseed, cache_folder=cache.folder,
+                        cache_memory=cache.memory_limit)
+    except KeyboardInterrupt:
+        bar.close()
+        write_leaderboard(leaderboard(study), config.out)
+        print(f"\nInterrupted: the running trial(s) are marked failed ('interrupted') and queued to run again. "
+              f"{finished_trials(study)} of {config.budget} trials finished and are stored in {config.storage}; "
+              "run the same command again to continue.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    bar.close()
+    result = finish_study(study, config, backbone, cache, precision=precision)
+    board = leaderboard(study)
+    cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
+            "lr_ratio", "epochs_run", "seconds"]
+    print("\nTop 10 strategies:")
+    print(to_markdown(board[cols].head(10)))
+    m = result.metrics
+    print(f"\nbest: trial {m['trial']}  val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
+          f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
+          f"{'  (retrained from its strategy)' if result.retrained else ''}")
+    print_variants(m)
+    print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
+          f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
+    storage = "" if config.storage == default_storage(config.out) else f" --storage {config.storage}"
+    print(f"plots and report.html: autotransfer report --study-name {config.study_name} --out {config.out}{storage}")
+    return 0

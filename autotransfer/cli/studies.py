@@ -1,0 +1,132 @@
+"""Commands on an existing study: `report`, `export` and `studies`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from autotransfer.cli.common import Command, add_study_arguments, positive_int, print_variants, writable
+from autotransfer.errors import ConfigError
+from autotransfer.precision import add_precision_argument, parse_precisions
+
+
+class Report(Command):
+    """Write a study's leaderboards, plots and one self-contained report.html into <out>/report/.
+
+    Leaderboard as CSV, Markdown, HTML, Parquet and JSON; PNG plots (optimization history, parameter
+    importances, accuracy by tap, freeze depth, head and LR ratio, slice, parallel coordinates). Works on
+    finished and running studies in any Optuna storage; the folder is replaced only when complete.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_study_arguments(parser)
+        parser.add_argument("--top", type=positive_int("--top"), default=10,
+                            help="trials shown in report.html and printed here (default: 10)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never open a window
+        from autotransfer.html_report import write_report
+        from autotransfer.report import to_markdown
+        from autotransfer.studies import locate, open_existing
+
+        name, storage, out = locate(args.study_name, args.storage, args.out)
+        study = open_existing(name, storage)
+        writable(out)
+        report = write_report(study, out, storage=storage, top=args.top)
+        board, best = report.board, report.best
+        counts = ", ".join(f"{n} {s}" for s, n in board.state.value_counts().items())
+        print(f"study {name!r} in {storage}: {len(board)} trials ({counts or 'none'})")
+        if best is not None:
+            print(f"best: trial {best['trial']}  val {best['val_accuracy']:.4f}  {best['description']}"
+                  + (f"  test {best['test']['test_accuracy']:.4f}" if best["test"] else ""))
+            cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "head", "lr", "lr_ratio",
+                    "epochs_run", "pruned_at", "seconds"]
+            print(to_markdown(board[cols].head(args.top)))
+        for plot in report.plots:
+            if plot.path is None:
+                print(f"plot {plot.name} skipped: {plot.note}", file=sys.stderr)
+        print(f"report: {report.folder / 'report.html'}\nfiles: {report.folder}/ (leaderboard.csv .md .html "
+              f".parquet .json, {' '.join(p.path.name for p in report.plots if p.path)})")
+        return 0
+
+
+class Export(Command):
+    """Export one trial of a study to ONNX (default: the best), verified with onnxruntime on the test split.
+
+    Search keeps only the best trial's weights; any other trial is retrained from its stored strategy with
+    the same seed (it says so). Data and backbone are rebuilt from what search recorded in the study; the
+    --data, --backbone, --weights, --image-size and --seed flags override that.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_study_arguments(parser)
+        parser.add_argument("--trial", type=int, default=None, help="trial number (default: the best trial)")
+        parser.add_argument("--dest", type=Path, default=None, help="export folder (default: <out>/trial_<N>)")
+        parser.add_argument("--data", default=None, help="data as given to search (default: recorded in the study)")
+        parser.add_argument("--backbone", default=None, help="default: recorded in the study")
+        parser.add_argument("--weights", default=None, help="default: recorded in the study")
+        parser.add_argument("--image-size", type=positive_int("--image-size"), default=None,
+                            help="default: recorded in the study")
+        parser.add_argument("--seed", type=int, default=None, help="seed of the split (default: recorded)")
+        add_precision_argument(parser)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from optuna.trial import TrialState
+
+        from autotransfer.features import ActivationCache
+        from autotransfer.pipeline import export_trial
+        from autotransfer.studies import load_inputs, locate, open_existing
+        from autotransfer.study import best_trial, checkpoint_path
+
+        name, storage, out = locate(args.study_name, args.storage, args.out)
+        study = open_existing(name, storage)
+        complete = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        number = args.trial if args.trial is not None else (best_trial(study).number if complete else None)
+        if number not in complete:
+            state = next((t.state.name.lower() for t in study.get_trials(deepcopy=False) if t.number == number),
+                         "not in the study")
+            raise ConfigError(f"Trial {number} of study {name!r} is {state}; only complete trials can be exported "
+                              f"(complete: {', '.join(map(str, complete)) or 'none'}).")
+        backbone, data = load_inputs(study, data=args.data, backbone=args.backbone, weights=args.weights,
+                                     image_size=args.image_size, seed=args.seed)
+        dest = args.dest or out / f"trial_{number}"
+        writable(dest.parent)
+        if not checkpoint_path(out, number).is_file():
+            print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
+                  "from its stored strategy and seed", file=sys.stderr)
+        precision = parse_precisions(args.precision)
+        result = export_trial(study, number, backbone, ActivationCache(backbone, data, folder=out / "cache"),
+                              study_out=out, dest=dest, precision=precision)
+        m = result.metrics
+        print(f"trial {number}: val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
+              f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
+              f"{'  (retrained from its strategy)' if result.retrained else ''}")
+        print_variants(m)
+        print(f"model: {result.folder / 'model.onnx'}")
+        return 0
+
+
+class Studies(Command):
+    """List studies with their trial counts by state and best values.
+
+    Without --storage, lists every studies/*/study.db (where search keeps its studies by default).
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--storage", default=None, help="Optuna storage URL (default: studies/*/study.db)")
+        parser.add_argument("--root", type=Path, default=Path("studies"),
+                            help="folder searched without --storage (default: studies)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from autotransfer.report import to_markdown
+        from autotransfer.studies import list_studies
+
+        table = list_studies(args.storage, root=args.root)
+        if table.empty:
+            print(f"No studies in {args.storage or str(args.root / '*' / 'study.db')}; run `autotransfer search`.")
+        else:
+            print(to_markdown(table))
+        return 0
