@@ -175,13 +175,15 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_warning(tmp_path, caplog
     assert len(pd.read_csv(tmp_path / "run" / "leaderboard.csv")) == 1
 
 
-@pytest.mark.parametrize("argv", [["search", "--budget", "0"], ["search", "--budget", "-3"],
-                                  ["search", "--budget", "ten"], ["search", "--workers", "0"]])
-def test_bad_budget_is_rejected_by_the_parser(argv, capsys):
+@pytest.mark.parametrize("argv, hint", [(["search", "--budget", "0"], "e.g. --budget 50"),
+                                        (["search", "--budget", "-3"], "e.g. --budget 50"),
+                                        (["search", "--budget", "ten"], "whole number, got 'ten'"),
+                                        (["search", "--workers", "0"], "e.g. --workers 2")])
+def test_bad_budget_is_rejected_by_the_parser(argv, hint, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and argv[1] in err and "Traceback" not in err
+    assert exc.value.code == 2 and argv[1] in err and hint in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and "see `autotransfer search --help`" in err
 
 

@@ -29,14 +29,16 @@ class Command:
         raise NotImplementedError
 
 
-def positive_int(name: str):
+def positive_int(name: str, example: int):
+    """An argparse type for a count of at least 1; the error shows `example` as a sensible value."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
         if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}; e.g. {name} 50")
+            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}; e.g. {name} {example}")
         return value
 
     return parse
@@ -56,7 +58,7 @@ def size_argument(name: str):
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that read data through a backbone (search, recommend)."""
-    parser.add_argument("--image-size", type=positive_int("--image-size"), default=None,
+    parser.add_argument("--image-size", type=positive_int("--image-size", 64), default=None,
                         help="input size in pixels (default: per data set, 64 for digits)")
     parser.add_argument("--cache-memory", type=size_argument("--cache-memory"), default="4G",
                         help="memory for cached activations; beyond it float16, then memory-mapped disk "

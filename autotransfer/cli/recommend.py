@@ -22,7 +22,8 @@ class Recommend(Command):
         parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<data name>)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-        parser.add_argument("--max-epochs", type=positive_int("--max-epochs"), default=DEFAULT_MAX_EPOCHS,
+        parser.add_argument("--max-epochs", type=positive_int("--max-epochs", DEFAULT_MAX_EPOCHS),
+                            default=DEFAULT_MAX_EPOCHS,
                             help=f"epochs of the recommended fine-tuning strategies (default: {DEFAULT_MAX_EPOCHS})")
         add_data_arguments(parser)
 

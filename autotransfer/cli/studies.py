@@ -21,7 +21,7 @@ class Report(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_study_arguments(parser)
-        parser.add_argument("--top", type=positive_int("--top"), default=10,
+        parser.add_argument("--top", type=positive_int("--top", 10), default=10,
                             help="trials shown in report.html and printed here (default: 10)")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -68,7 +68,7 @@ class Export(Command):
         parser.add_argument("--data", default=None, help="data as given to search (default: recorded in the study)")
         parser.add_argument("--backbone", default=None, help="default: recorded in the study")
         parser.add_argument("--weights", default=None, help="default: recorded in the study")
-        parser.add_argument("--image-size", type=positive_int("--image-size"), default=None,
+        parser.add_argument("--image-size", type=positive_int("--image-size", 64), default=None,
                             help="default: recorded in the study")
         parser.add_argument("--seed", type=int, default=None, help="seed of the split (default: recorded)")
         add_precision_argument(parser)
