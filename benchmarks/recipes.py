@@ -8,7 +8,10 @@ domain shift built from sklearn's digits) this runs a budget-50 search and expor
   (c) fast.ai-style: one frozen epoch, then all layers with a 100x LR spread (AdamW)
   (d) full fine-tune, SGD lr 0.01 momentum 0.9 wd 1e-4  (e) the quadrant recipe alone (`autotransfer recommend`)
 
-    python benchmarks/recipes.py [--budget 50] [--data digits digits_shifted]
+    python benchmarks/recipes.py [--budget 50] [--max-epochs 2] [--seed 0] [--data digits digits_shifted]
+
+`--max-epochs` is the search's (and the quadrant recipe's) most fine-tuning epochs and `--seed` the seed of the
+split and the search, both as in `autotransfer search`.
 
 Last line: margin=<search test acc - best recipe test acc> (worst over data sets).
 """
@@ -26,6 +29,7 @@ import torch
 
 from autotransfer.backbones import get_backbone
 from autotransfer.data import load_data
+from autotransfer.defaults import DEFAULT_MAX_EPOCHS
 from autotransfer.device import configure_threads
 from autotransfer.features import ActivationCache
 from autotransfer.pipeline import finish_study
@@ -61,20 +65,21 @@ def test_accuracy(strategy: Strategy, backbone, cache: ActivationCache) -> tuple
     return result.val_accuracy, accuracy(result.model, x, y, cache), time.perf_counter() - start
 
 
-def run(name: str, budget: int, folder: Path) -> tuple[pd.DataFrame, float]:
-    backbone, data = get_backbone("efficientnet_lite0"), load_data(name)
+def run(name: str, budget: int, max_epochs: int, seed: int, folder: Path) -> tuple[pd.DataFrame, float]:
+    backbone, data = get_backbone("efficientnet_lite0"), load_data(name, seed=seed)
     folder.mkdir(parents=True)
     cache = ActivationCache(backbone, data, folder=folder / "cache")
     rows = []
     start = time.perf_counter()
-    config = StudyConfig(study_name=name, storage=default_storage(folder), out=folder, budget=budget)
+    config = StudyConfig(study_name=name, storage=default_storage(folder), out=folder, budget=budget,
+                         max_epochs=max_epochs, seed=seed)
     study = run_study(config, backbone, cache, study=open_study(config, backbone=backbone,
                                                                  data_fingerprint=data.fingerprint))
     exported = finish_study(study, config, backbone, cache)
     m = exported.metrics
     rows.append({"data": name, "method": f"search, budget {budget} (exported ONNX)", "val": m["val_accuracy"],
                  "test": m["test_accuracy"], "seconds": time.perf_counter() - start})
-    prior = build_prior(cache)
+    prior = build_prior(cache, max_epochs=max_epochs, seed=seed)
     print(f"{name}: quadrant {prior.quadrant}; search best: "
           f"trial {m['trial']} val {m['val_accuracy']:.4f} test {m['test_accuracy']:.4f}", flush=True)
     for label, strategy in recipes(prior, backbone.num_groups).items():
@@ -89,6 +94,8 @@ def run(name: str, budget: int, folder: Path) -> tuple[pd.DataFrame, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=50)
+    parser.add_argument("--max-epochs", type=int, default=DEFAULT_MAX_EPOCHS)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", nargs="+", default=["digits", "digits_shifted"])
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -97,13 +104,14 @@ def main() -> None:
     tables, margins = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.data:
-            table, margin = run(name, args.budget, Path(tmp) / name)
+            table, margin = run(name, args.budget, args.max_epochs, args.seed, Path(tmp) / name)
             tables.append(table)
             margins.append(margin)
     print()
     print(pd.concat(tables).to_markdown(index=False, floatfmt=".4f"))
     for name, margin in zip(args.data, margins, strict=True):
         print(f"{name}: margin {margin:+.4f}")
+    print(f"max_epochs={args.max_epochs} seed={args.seed}")
     print(f"margin={min(margins):.4f}")
 
 
