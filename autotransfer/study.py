@@ -62,8 +62,8 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{(out / 'study.db').resolve()}"
 
 
-def open_study(config: StudyConfig, *, backbone: Backbone | None = None, data_fingerprint: str | None = None,
-               create: bool = True) -> optuna.Study:
+def open_study(config: StudyConfig, *, backbone: Backbone | None = None,
+               data_fingerprint: str | None = None) -> optuna.Study:
     """Create or load the study; refuse to mix data sets or backbones under one name."""
     with warnings.catch_warnings():  # multivariate/group/constant_liar are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -76,10 +76,7 @@ def open_study(config: StudyConfig, *, backbone: Backbone | None = None, data_fi
     storage = open_storage(config.storage, heartbeat=config.heartbeat)
     try:
         study = optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize",
-                                    sampler=sampler, pruner=pruner, load_if_exists=create)
-    except KeyError:
-        raise ConfigError(f"No study named {config.study_name!r} in storage {config.storage!r}; check "
-                          "--study-name and --storage, or run `autotransfer search` first.") from None
+                                    sampler=sampler, pruner=pruner, load_if_exists=True)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
         raise ConfigError(f"Storage URL {config.storage!r} cannot be opened ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]}); pass an Optuna storage URL such as "
