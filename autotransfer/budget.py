@@ -57,10 +57,13 @@ def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
     mine = study._storage.get_trial(trial._trial_id)
     if mine.user_attrs.get("enqueued") != "prior":
         return None
+    # The queued parameters, not `params`: a trial has no `params` until it suggests them, and this check
+    # runs before that, in this trial and possibly in its twin.
+    queued = mine.system_attrs.get("fixed_params")
     for other in study.get_trials(deepcopy=False):
         # A failed earlier copy (lost, interrupted) does not count: this copy is its retry.
         if (other.number < trial.number and other.user_attrs.get("enqueued") == "prior"
-                and other.state != TrialState.FAIL and other.params == mine.params):
+                and other.state != TrialState.FAIL and other.system_attrs.get("fixed_params") == queued):
             return other.number
     return None
 
