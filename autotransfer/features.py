@@ -8,7 +8,7 @@ Storage is bounded: boundaries are kept as float32 when they fit in `memory_limi
 only that fits, and otherwise stay on disk as memory-mapped `.npy` files. Trials always read what is
 stored (cast to float32 per batch), so a warm cache loaded from disk gives bit-identical results to the
 cold pass that wrote it. Rows are stored in split order (train, val, test), so a split is a slice and
-reading one never copies the whole array.
+reading one never copies the whole array; "train+val" (the final refit's data) is one slice too.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from autotransfer.backbones import Backbone
-from autotransfer.data import ImageData
+from autotransfer.data import SPLITS, ImageData
 from autotransfer.heads import GlobalPool
 
 logger = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
+TRAIN_AND_VAL = "train+val"
 DEFAULT_MEMORY_LIMIT = 4 * 2**30
 
 
@@ -75,6 +75,7 @@ class ActivationCache:
         self.order = torch.cat([data.split[s] for s in SPLITS])  # stored row i is image order[i]
         bounds = np.cumsum([0] + [len(data.split[s]) for s in SPLITS])
         self.slices = {s: slice(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(SPLITS)}
+        self.slices[TRAIN_AND_VAL] = slice(int(bounds[0]), int(bounds[2]))
         self.labels = data.labels[self.order]
         self.storage: str | None = None  # "float32" / "float16" in memory, or "disk"
         self.loaded_from_disk = False

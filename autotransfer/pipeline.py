@@ -15,10 +15,13 @@ import optuna
 from autotransfer import __version__
 from autotransfer.backbones import Backbone
 from autotransfer.data import ImageData
+from autotransfer.defaults import DEFAULT_REFITS
+from autotransfer.device import pick_device
 from autotransfer.errors import AutotransferError
 from autotransfer.export import export_onnx, verify
-from autotransfer.features import ActivationCache, normalise
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
 from autotransfer.precision import CALIBRATION_IMAGES, check_variant, make_variant, parse_precisions
+from autotransfer.refit import refit
 from autotransfer.report import leaderboard, write_leaderboard
 from autotransfer.strategy import Strategy
 from autotransfer.study import StudyConfig, best_trial, load_trial_model
@@ -28,7 +31,7 @@ from autotransfer.study import StudyConfig, best_trial, load_trial_model
 class ExportResult:
     folder: Path
     metrics: dict[str, Any]
-    retrained: bool  # True when the trial's weights were not kept and it was trained again
+    retrained: bool  # refits == 0 and the trial's weights were not kept, so it was trained again
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -36,8 +39,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: ActivationCache, *,
-                 study_out: Path, dest: Path, precision: Sequence[str] = ("fp32",)) -> ExportResult:
+                 study_out: Path, dest: Path, precision: Sequence[str] = ("fp32",), refits: int = DEFAULT_REFITS,
+                 device: str = "cpu") -> ExportResult:
     """Export trial `number` to `dest/` (model.onnx + json files), verified on the test split.
+
+    `refits` >= 1 trains the trial's strategy that many times on train+val and exports their average
+    (see `refit.py`); 0 exports the trial's own model, trained on train only, as the search scored it.
 
     `precision` may add "fp16" / "int8": model.fp16.onnx / model.int8.onnx beside model.onnx, each checked on
     the test split against fp32 and recorded under metrics["variants"] (int8 is calibrated on training images).
@@ -49,8 +56,12 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     trial = study.trials[number]
     if "strategy" not in trial.user_attrs:
         raise AutotransferError(f"Trial {number} of study {study.study_name!r} has no stored strategy to export.")
-    model, retrained = load_trial_model(study, number, backbone, cache, study_out)
     strategy = Strategy.from_dict(trial.user_attrs["strategy"])
+    if refits:
+        model, retrained = refit(strategy, backbone, cache, members=refits, device=pick_device(device)), False
+    else:
+        model, retrained = load_trial_model(study, number, backbone, cache, study_out)
+    trained_on = TRAIN_AND_VAL if refits else "train"
     preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
                   "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),
                   "std": list(backbone.std), "layout": "NCHW"}
@@ -58,7 +69,8 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
                 "mean": list(backbone.mean), "std": list(backbone.std), "input_range": "0-1 RGB",
                 "backbone": backbone.name, "weights": backbone.weights_id, "strategy": strategy.to_dict(),
                 "optuna_study": study.study_name, "optuna_trial_number": number,
-                "val_accuracy": trial.value, "autotransfer_version": __version__}
+                "val_accuracy": trial.value, "refits": refits, "trained_on": trained_on,
+                "autotransfer_version": __version__}
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -69,7 +81,8 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         x_test = normalise(x_test, backbone.mean, backbone.std)
         checks = verify(model, tmp / "model.onnx", x_test, y_test)
         metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
-                   "retrained": retrained, "backbone": backbone.name, "data": data.name,
+                   "retrained": retrained, "refits": refits, "trained_on": trained_on,
+                   "backbone": backbone.name, "data": data.name,
                    "precisions": list(precisions), "variants": {}}
         for p in precisions[1:]:
             variant = make_variant(tmp / "model.onnx", p, _calibration_images(data, backbone) if p == "int8" else None)
@@ -95,12 +108,12 @@ def _calibration_images(data: ImageData, backbone: Backbone, n: int = CALIBRATIO
 
 
 def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache, *,
-                 precision: Sequence[str] = ("fp32",)) -> ExportResult:
-    """Write the leaderboard and export the best trial (in each of `precision`) to `out/best/`."""
+                 precision: Sequence[str] = ("fp32",), refits: int = DEFAULT_REFITS) -> ExportResult:
+    """Write the leaderboard and export the best trial (refit `refits` times, in each of `precision`) to `out/best/`."""
     write_leaderboard(leaderboard(study), config.out)
     best = best_trial(study)
     if best is None:
         raise AutotransferError(f"Study {study.study_name!r} has no complete trial to export; see "
                                 f"{config.out / 'leaderboard.md'} for why trials failed.")
     return export_trial(study, best.number, backbone, cache, study_out=config.out,
-                        dest=config.out / "best", precision=precision)
+                        dest=config.out / "best", precision=precision, refits=refits, device=config.device)

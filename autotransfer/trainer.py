@@ -125,7 +125,7 @@ def _to_input(x: torch.Tensor, device: torch.device, cache: ActivationCache) -> 
 
 
 def _probe_head(model: TransferModel, strategy: Strategy, backbone: Backbone, cache: ActivationCache,
-                device: torch.device, use_cache: bool = True) -> None:
+                device: torch.device, use_cache: bool = True, fit_split: str = "train") -> None:
     """Train the head alone for `probe_epochs` on the cached tapped features, before the backbone trains.
 
     A random head's gradients wreck pretrained features in the first steps; a fitted one does not (LP-FT,
@@ -134,12 +134,12 @@ def _probe_head(model: TransferModel, strategy: Strategy, backbone: Backbone, ca
     """
     probe = dataclasses.replace(strategy, freeze=strategy.tap, epochs=strategy.probe_epochs, optimizer="sgd",
                                 lr=PROBE_LR, l2sp_alpha=0.0, probe_epochs=0)
-    fitted = train_trial(probe, backbone, cache, device=device, use_cache=use_cache).model
+    fitted = train_trial(probe, backbone, cache, device=device, use_cache=use_cache, fit_split=fit_split).model
     model.head.load_state_dict(fitted.head.state_dict())
 
 
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, report: Report | None = None,
-                device: torch.device | str = "cpu", use_cache: bool = True) -> TrialResult:
+                device: torch.device | str = "cpu", use_cache: bool = True, fit_split: str = "train") -> TrialResult:
     """Train `strategy` from the activations at boundary `freeze`; return the final validation accuracy.
 
     `report(step, val_accuracy)` is called every 1/REPORTS_PER_EPOCH of a fine-tuning epoch (step counts
@@ -147,6 +147,8 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     trials.
     `use_cache=False` runs every batch through the whole model from the images instead (the naive
     baseline of `benchmarks/search_speed.py`); the training itself is the same.
+    `fit_split="train+val"` trains on both splits (the final refit, see `refit.py`); the validation accuracy
+    it returns then scores training data and is no estimate of anything.
     """
     start_time = time.perf_counter()
     s = strategy
@@ -155,15 +157,15 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     model = build_model(s, backbone, len(cache.data.classes)).to(device, memory_format=torch.channels_last)
     if s.trains_backbone or not use_cache:
         start = s.freeze if use_cache else 0
-        x_train, y_train = cache.split(start, "train")
+        x_train, y_train = cache.split(start, fit_split)
         x_val, y_val = cache.split(start, "val")
         if s.probe_epochs:
-            _probe_head(model, s, backbone, cache, device, use_cache)
+            _probe_head(model, s, backbone, cache, device, use_cache, fit_split)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return model.forward_from(x, start)
     else:  # pure feature extractor: pooled vectors are cached too, train only the head on them
-        x_train, y_train = cache.pooled(s.tap, s.pool, "train")
+        x_train, y_train = cache.pooled(s.tap, s.pool, fit_split)
         x_val, y_val = cache.pooled(s.tap, s.pool, "val")
         forward = model.head
         if device.type == "cpu":  # tiny matrix products: one thread beats two that wait on each other

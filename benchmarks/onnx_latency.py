@@ -2,7 +2,8 @@
 
     python benchmarks/onnx_latency.py [--model studies/digits/best/model.onnx] [--repeats 30]
 
-The PyTorch side is the same trained model, rebuilt from the study's checkpoint next to `best/`; without
+The PyTorch side is the same trained model: refit again from the recorded strategy and seeds (the default
+export), or rebuilt from the study's checkpoint next to `best/` (`--refit 0`); without
 `--model` it takes studies/digits/best/model.onnx when present, else exports the bundled Lite0 with a quick
 linear head on digits. int8 is made fresh (calibrated on training images) and checked on the test split.
 CPU: batch 1 and 64, median of `--repeats` timed runs after warm-up, the same thread count for both
@@ -34,6 +35,7 @@ from autotransfer.export import export_onnx, read_metadata  # noqa: E402
 from autotransfer.features import ActivationCache, normalise  # noqa: E402
 from autotransfer.model import build_model  # noqa: E402
 from autotransfer.precision import check_variant, make_variant  # noqa: E402
+from autotransfer.refit import refit  # noqa: E402
 from autotransfer.runtime import physical_cores, session_options  # noqa: E402
 from autotransfer.strategy import Strategy  # noqa: E402
 from autotransfer.trainer import train_trial  # noqa: E402
@@ -57,9 +59,15 @@ def median_ms(fn: Callable[[], object], repeats: int, *, warmup: int = 3,
 
 
 def torch_model_for(model_path: Path):
-    """(torch model, metadata) of an exported model, rebuilt from its study's checkpoint."""
+    """(torch model, metadata) of an exported model: refit again (deterministic), or from its study's checkpoint."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     meta = read_metadata(session)
+    if meta.get("refits"):  # trained on train+val by `refit`: the same seeds give the same members
+        strategy = Strategy.from_dict(meta["strategy"])
+        name = json.loads((model_path.parent / "metrics.json").read_text())["data"]
+        backbone = get_backbone(meta["backbone"])
+        data = load_data(name, image_size=meta["input_size"][-1], seed=strategy.seed)
+        return refit(strategy, backbone, ActivationCache(backbone, data), members=meta["refits"]).eval(), meta
     number = meta["optuna_trial_number"]
     checkpoint = model_path.resolve().parent.parent / "checkpoints" / f"trial_{number}.pt"
     if not checkpoint.is_file():

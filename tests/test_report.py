@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 
 import autotransfer
 from autotransfer.cli import main
+from autotransfer.export import cpu_session
 from autotransfer.html_report import write_report
 from autotransfer.report import COLUMNS, STRATEGY_COLUMNS, TABLE_FILES, leaderboard, write_tables
 from autotransfer.strategy import Strategy
@@ -179,24 +181,38 @@ def test_report_and_export_without_a_study_fail_in_one_line(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == [], "nothing is created"
 
 
-def test_export_any_trial_retrains_when_its_weights_were_not_kept(searched, capsys):
+def test_export_refit_0_retrains_a_trial_whose_weights_were_not_kept(searched, capsys):
     study = _open(searched)
     complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
     other = min(complete[1:], key=lambda t: t.user_attrs["seconds"]).number  # the quickest to retrain
     capsys.readouterr()
-    assert main(["export", "--out", str(searched), "--trial", str(other)]) == 0
+    assert main(["export", "--out", str(searched), "--trial", str(other), "--refit", "0"]) == 0
     captured = capsys.readouterr()
     assert f"trial {other}: its weights were not kept" in captured.err and "retrained" in captured.out
     metrics = json.loads((searched / f"trial_{other}" / "metrics.json").read_text())
     assert metrics["trial"] == other and metrics["retrained"] is True and metrics["onnx_max_abs_diff"] < 1e-3
+    assert metrics["trained_on"] == "train"
     assert json.loads((searched / "best" / "metrics.json").read_text())["trial"] == complete[0].number
 
-    assert main(["export", "--out", str(searched)]) == 0, "default: the best trial, from its checkpoint"
+    assert main(["export", "--out", str(searched), "--refit", "0"]) == 0, "the best trial, from its checkpoint"
     captured = capsys.readouterr()
     assert "not kept" not in captured.err and "retrained" not in captured.out
     best = json.loads((searched / f"trial_{complete[0].number}" / "metrics.json").read_text())
-    assert best["retrained"] is False and best["test_accuracy"] == pytest.approx(
-        json.loads((searched / "best" / "metrics.json").read_text())["test_accuracy"])
+    assert best["retrained"] is False and best["trained_on"] == "train"
+
+
+def test_export_by_default_reproduces_the_model_search_exported(searched, capsys):
+    best = json.loads((searched / "best" / "metrics.json").read_text())
+    capsys.readouterr()
+    assert main(["export", "--out", str(searched), "--dest", str(searched / "again")]) == 0
+    assert "training its strategy 3 time(s) on train+val" in capsys.readouterr().err
+    again = json.loads((searched / "again" / "metrics.json").read_text())
+    assert best["refits"] == again["refits"] == 3 and again["trial"] == best["trial"]
+    x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
+    outputs = [cpu_session(folder / "model.onnx").run(["logits"], {"input": x})[0] for folder in
+               (searched / "best", searched / "again")]
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5)
+    assert again["test_accuracy"] == best["test_accuracy"]
 
 
 def test_export_refuses_trials_that_are_not_complete(searched, capsys):

@@ -29,19 +29,37 @@ class Command:
         raise NotImplementedError
 
 
-def positive_int(name: str, example: int):
-    """An argparse type for a count of at least 1; the error shows `example` as a sensible value."""
+def positive_int(name: str, example: int, minimum: int = 1):
+    """An argparse type for a count of at least `minimum`; the error shows `example` as a sensible value."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be at least 1, got {value}; e.g. {name} {example}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}; e.g. {name} {example}")
         return value
 
     return parse
+
+
+def add_refit_argument(parser: argparse.ArgumentParser) -> None:
+    """`--refit N`: how the exported model is trained (see `autotransfer.refit`)."""
+    from autotransfer.defaults import DEFAULT_REFITS
+
+    parser.add_argument("--refit", type=positive_int("--refit", DEFAULT_REFITS, minimum=0), default=DEFAULT_REFITS,
+                        metavar="N", help="train the chosen strategy N times on train+val (seeds seed..seed+N-1) and "
+                                          "export the average of their probabilities; 0 exports the trial as "
+                                          f"searched, trained on train only (default: {DEFAULT_REFITS})")
+
+
+def describe_training(metrics: dict) -> str:
+    """How an exported model was trained, for the summary line."""
+    refits = metrics.get("refits", 0)
+    if refits:
+        return f"  ({refits} refit{'s' if refits > 1 else ''} on train+val)"
+    return "  (retrained from its strategy)" if metrics.get("retrained") else ""
 
 
 def size_argument(name: str):

@@ -12,11 +12,13 @@ from autotransfer.cli.common import (
     EXIT_INTERRUPTED,
     Command,
     add_data_arguments,
+    add_refit_argument,
+    describe_training,
     positive_int,
     prepare,
     print_variants,
 )
-from autotransfer.defaults import DEFAULT_MAX_EPOCHS
+from autotransfer.defaults import DEFAULT_MAX_EPOCHS, DEFAULT_REFITS
 from autotransfer.errors import AutotransferError
 from autotransfer.precision import add_precision_argument, parse_precisions
 
@@ -49,6 +51,7 @@ class Search(Command):
                             help="seconds between a running trial's heartbeats; a trial silent for 3 of them "
                                  "(its process died) is failed and run again (default: 10)")
         add_data_arguments(parser)
+        add_refit_argument(parser)
         add_precision_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -68,7 +71,7 @@ class Search(Command):
         try:
             with sigterm_as_interrupt():
                 return run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source,
-                                   precision=precision)
+                                   precision=precision, refits=args.refit)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
@@ -88,8 +91,8 @@ def trial_line(trial, backbone, best=None) -> str:
             f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
 
 
-def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False,
-                source: dict | None = None, precision: tuple[str, ...] = ("fp32",)) -> int:
+def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False, source: dict | None = None,
+               precision: tuple[str, ...] = ("fp32",), refits: int = DEFAULT_REFITS) -> int:
     import optuna
     from tqdm.auto import tqdm
 
@@ -153,7 +156,11 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
               "run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
-    result = finish_study(study, config, backbone, cache, precision=precision)
+    best = best_trial(study)
+    if refits and best is not None:
+        print(f"training the best strategy (trial {best.number}) {refits} time(s) on train+val for the export",
+              flush=True)
+    result = finish_study(study, config, backbone, cache, precision=precision, refits=refits)
     board = leaderboard(study)
     cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
             "lr_ratio", "epochs_run", "seconds"]
@@ -161,8 +168,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     print(to_markdown(board[cols].head(10)))
     m = result.metrics
     print(f"\nbest: trial {m['trial']}  val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
-          f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
-          f"{'  (retrained from its strategy)' if result.retrained else ''}")
+          f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}{describe_training(m)}")
     print_variants(m)
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")

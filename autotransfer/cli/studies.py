@@ -6,7 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from autotransfer.cli.common import Command, add_study_arguments, positive_int, print_variants, writable
+from autotransfer.cli.common import (
+    Command,
+    add_refit_argument,
+    add_study_arguments,
+    describe_training,
+    positive_int,
+    print_variants,
+    writable,
+)
 from autotransfer.errors import ConfigError
 from autotransfer.precision import add_precision_argument, parse_precisions
 
@@ -56,7 +64,9 @@ class Report(Command):
 class Export(Command):
     """Export one trial of a study to ONNX (default: the best), verified with onnxruntime on the test split.
 
-    Search keeps only the best trial's weights; any other trial is retrained from its stored strategy with
+    As in search, the trial's strategy is trained again on train+val (--refit N times, averaged); the same
+    study and flags give the same model as search exported. With --refit 0 the trial's own model is exported:
+    search keeps only the best trial's weights, so any other trial is retrained from its stored strategy with
     the same seed (it says so). Data and backbone are rebuilt from what search recorded in the study; the
     --data, --backbone, --weights, --image-size and --seed flags override that.
     """
@@ -71,6 +81,9 @@ class Export(Command):
         parser.add_argument("--image-size", type=positive_int("--image-size", 64), default=None,
                             help="default: recorded in the study")
         parser.add_argument("--seed", type=int, default=None, help="seed of the split (default: recorded)")
+        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                            help="where the refits train (default: auto)")
+        add_refit_argument(parser)
         add_precision_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -94,16 +107,18 @@ class Export(Command):
                                      image_size=args.image_size, seed=args.seed)
         dest = args.dest or out / f"trial_{number}"
         writable(dest.parent)
-        if not checkpoint_path(out, number).is_file():
+        if args.refit:
+            print(f"trial {number}: training its strategy {args.refit} time(s) on train+val (--refit 0 exports the "
+                  "trial as searched)", file=sys.stderr)
+        elif not checkpoint_path(out, number).is_file():
             print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
                   "from its stored strategy and seed", file=sys.stderr)
         precision = parse_precisions(args.precision)
         result = export_trial(study, number, backbone, ActivationCache(backbone, data, folder=out / "cache"),
-                              study_out=out, dest=dest, precision=precision)
+                              study_out=out, dest=dest, precision=precision, refits=args.refit, device=args.device)
         m = result.metrics
         print(f"trial {number}: val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
-              f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}"
-              f"{'  (retrained from its strategy)' if result.retrained else ''}")
+              f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}{describe_training(m)}")
         print_variants(m)
         print(f"model: {result.folder / 'model.onnx'}")
         return 0
