@@ -39,6 +39,12 @@ class Report:
     best: dict[str, Any] | None  # best trial: number, value, strategy in words, test metrics if exported
 
 
+def _refit_note(test: dict[str, Any]) -> str:
+    """The exported model is not the trial's own when it was refit on train+val (see `refit.py`)."""
+    n = test.get("refits", 0)
+    return f"; the strategy refit {n} time{'s' if n > 1 else ''} on train+val, averaged" if n else ""
+
+
 def _test_metrics(out: Path, number: int) -> tuple[dict[str, Any] | None, Path | None]:
     """metrics.json of an export of trial `number` (search's best/, or export's trial_<N>/), if any."""
     for folder in (out / "best", out / f"trial_{number}"):
@@ -87,7 +93,8 @@ def _best_html(best: dict[str, Any] | None) -> str:
         parts.append(f"<p>Test accuracy <b>{test['test_accuracy']:.4f}</b> on {test.get('test_images', '?')} held-out "
                      f"images, measured through onnxruntime on <code>{e(str(best['export']))}/model.onnx</code> (max "
                      f"|onnx - torch| {test.get('onnx_max_abs_diff', float('nan')):.1e}"
-                     f"{', retrained from its strategy' if test.get('retrained') else ''}).</p>")
+                     f"{', retrained from its strategy' if test.get('retrained') else ''}"
+                     f"{_refit_note(test)}).</p>")
     else:
         parts.append(f"<p class='note'>Test metrics: not measured yet (no export of trial {best['trial']} in this "
                      f"folder); run <code>autotransfer export --trial {best['trial']}</code>.</p>")

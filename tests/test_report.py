@@ -153,6 +153,7 @@ def test_report_after_search_writes_every_file(searched, capsys):
     assert page.count("data:image/png;base64,") == len(PLOTS) and "src='http" not in page
     metrics = json.loads((searched / "best" / "metrics.json").read_text())
     assert f"Trial {best.number}</b>" in page and f"{metrics['test_accuracy']:.4f}" in page
+    assert "the strategy refit 3 times on train+val, averaged" in page
     assert "linear head on" in page or "svm head on" in page or "mlp head on" in page
     assert page.count("<tr") == 1 + 3, "--top 3 rows in the page"
     assert f"best: trial {best.number}" in printed and str(folder / "report.html") in printed

@@ -29,7 +29,7 @@ class Command:
         raise NotImplementedError
 
 
-def positive_int(name: str, example: int, minimum: int = 1):
+def int_at_least(name: str, example: int, minimum: int = 1):
     """An argparse type for a count of at least `minimum`; the error shows `example` as a sensible value."""
 
     def parse(text: str) -> int:
@@ -48,7 +48,7 @@ def add_refit_argument(parser: argparse.ArgumentParser) -> None:
     """`--refit N`: how the exported model is trained (see `autotransfer.refit`)."""
     from autotransfer.defaults import DEFAULT_REFITS
 
-    parser.add_argument("--refit", type=positive_int("--refit", DEFAULT_REFITS, minimum=0), default=DEFAULT_REFITS,
+    parser.add_argument("--refit", type=int_at_least("--refit", DEFAULT_REFITS, minimum=0), default=DEFAULT_REFITS,
                         metavar="N", help="train the chosen strategy N times on train+val (seeds seed..seed+N-1) and "
                                           "export the average of their probabilities; 0 exports the trial as "
                                           f"searched, trained on train only (default: {DEFAULT_REFITS})")
@@ -76,7 +76,7 @@ def size_argument(name: str):
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by the commands that read data through a backbone (search, recommend)."""
-    parser.add_argument("--image-size", type=positive_int("--image-size", 64), default=None,
+    parser.add_argument("--image-size", type=int_at_least("--image-size", 64), default=None,
                         help="input size in pixels (default: per data set, 64 for digits)")
     parser.add_argument("--cache-memory", type=size_argument("--cache-memory"), default="4G",
                         help="memory for cached activations; beyond it float16, then memory-mapped disk "

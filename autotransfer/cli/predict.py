@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from autotransfer.cli.common import Command, positive_int
+from autotransfer.cli.common import Command, int_at_least
 
 
 class Predict(Command):
@@ -23,7 +23,7 @@ class Predict(Command):
         parser.add_argument("model", type=Path, help="an exported model.onnx (or model.fp16.onnx / model.int8.onnx)")
         parser.add_argument("images", nargs="+", help="image files")
         parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
-        parser.add_argument("--batch-size", type=positive_int("--batch-size", 64), default=64)
+        parser.add_argument("--batch-size", type=int_at_least("--batch-size", 64), default=64)
         parser.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto",
                             help="onnxruntime execution provider (default: auto = tensorrt > cuda > cpu)")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autotransfer.cli.common import Command, add_data_arguments, positive_int, prepare
+from autotransfer.cli.common import Command, add_data_arguments, int_at_least, prepare
 from autotransfer.defaults import DEFAULT_MAX_EPOCHS
 
 
@@ -22,7 +22,7 @@ class Recommend(Command):
         parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<data name>)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-        parser.add_argument("--max-epochs", type=positive_int("--max-epochs", DEFAULT_MAX_EPOCHS),
+        parser.add_argument("--max-epochs", type=int_at_least("--max-epochs", DEFAULT_MAX_EPOCHS),
                             default=DEFAULT_MAX_EPOCHS,
                             help=f"epochs of the recommended fine-tuning strategies (default: {DEFAULT_MAX_EPOCHS})")
         add_data_arguments(parser)

@@ -14,7 +14,7 @@ from autotransfer.cli.common import (
     add_data_arguments,
     add_refit_argument,
     describe_training,
-    positive_int,
+    int_at_least,
     prepare,
     print_variants,
 )
@@ -35,19 +35,19 @@ class Search(Command):
         parser.add_argument("data", nargs="?", default="digits", help="folder, CSV or embedded name (default: digits)")
         parser.add_argument("--backbone", default="efficientnet_lite0", help="see `autotransfer backbones`")
         parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
-        parser.add_argument("--budget", type=positive_int("--budget", 50), default=50,
+        parser.add_argument("--budget", type=int_at_least("--budget", 50), default=50,
                             help="finished trials in the study (default: 50)")
         parser.add_argument("--study-name", default=None, help="default: the data set's name")
         parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<study-name>)")
         parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
         parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
-        parser.add_argument("--max-epochs", type=positive_int("--max-epochs", DEFAULT_MAX_EPOCHS),
+        parser.add_argument("--max-epochs", type=int_at_least("--max-epochs", DEFAULT_MAX_EPOCHS),
                             default=DEFAULT_MAX_EPOCHS,
                             help=f"most epochs of a fine-tuning trial (default: {DEFAULT_MAX_EPOCHS})")
-        parser.add_argument("--workers", type=positive_int("--workers", 2), default=1,
+        parser.add_argument("--workers", type=int_at_least("--workers", 2), default=1,
                             help="worker processes on this machine, sharing the CPU threads (default: 1)")
-        parser.add_argument("--heartbeat", type=positive_int("--heartbeat", 10), default=None,
+        parser.add_argument("--heartbeat", type=int_at_least("--heartbeat", 10), default=None,
                             help="seconds between a running trial's heartbeats; a trial silent for 3 of them "
                                  "(its process died) is failed and run again (default: 10)")
         add_data_arguments(parser)

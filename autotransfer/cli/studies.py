@@ -11,7 +11,7 @@ from autotransfer.cli.common import (
     add_refit_argument,
     add_study_arguments,
     describe_training,
-    positive_int,
+    int_at_least,
     print_variants,
     writable,
 )
@@ -29,7 +29,7 @@ class Report(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_study_arguments(parser)
-        parser.add_argument("--top", type=positive_int("--top", 10), default=10,
+        parser.add_argument("--top", type=int_at_least("--top", 10), default=10,
                             help="trials shown in report.html and printed here (default: 10)")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -78,7 +78,7 @@ class Export(Command):
         parser.add_argument("--data", default=None, help="data as given to search (default: recorded in the study)")
         parser.add_argument("--backbone", default=None, help="default: recorded in the study")
         parser.add_argument("--weights", default=None, help="default: recorded in the study")
-        parser.add_argument("--image-size", type=positive_int("--image-size", 64), default=None,
+        parser.add_argument("--image-size", type=int_at_least("--image-size", 64), default=None,
                             help="default: recorded in the study")
         parser.add_argument("--seed", type=int, default=None, help="seed of the split (default: recorded)")
         parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
