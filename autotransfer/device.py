@@ -13,9 +13,8 @@ import os
 
 import torch
 
+from autotransfer.defaults import DEVICES
 from autotransfer.errors import ConfigError
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from autotransfer.defaults import DEVICES
 from autotransfer.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -81,7 +82,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-memory", type=size_argument("--cache-memory"), default="4G",
                         help="memory for cached activations; beyond it float16, then memory-mapped disk "
                              "(default: 4G)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where trials train; cuda uses bf16 autocast (default: auto)")
 
 

@@ -15,6 +15,7 @@ from autotransfer.cli.common import (
     print_variants,
     writable,
 )
+from autotransfer.defaults import DEVICES
 from autotransfer.errors import ConfigError
 from autotransfer.precision import add_precision_argument, parse_precisions
 
@@ -81,7 +82,7 @@ class Export(Command):
         parser.add_argument("--image-size", type=int_at_least("--image-size", 64), default=None,
                             help="default: recorded in the study")
         parser.add_argument("--seed", type=int, default=None, help="seed of the split (default: recorded)")
-        parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+        parser.add_argument("--device", choices=DEVICES, default="auto",
                             help="where the refits train (default: auto)")
         add_refit_argument(parser)
         add_precision_argument(parser)
