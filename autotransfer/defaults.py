@@ -1,10 +1,6 @@
 """Defaults shared by the library and the CLI, in a module that imports nothing (so `--help` and `predict`
 stay free of torch)."""
 
-# Fine-tuning epochs are the expensive fidelity. On digits a fine-tune's validation accuracy after epoch 2 of a
-# 4-epoch schedule was within one image of its final value in 10 of 12 completed trials, so 2 is the default.
-DEFAULT_MAX_EPOCHS = 2
-
 # The exported model is the chosen strategy trained this many times on train+val, averaged (see `refit.py`):
 # 3 took digits' mean test error over four splits from 1.39 % to 1.02 %, for about 4x one trial's time.
 DEFAULT_REFITS = 3

@@ -50,7 +50,8 @@ def build_head(kind: HeadKind, in_dim: int, num_classes: int, *, hidden: int = 0
 
 
 def head_loss(kind: HeadKind, *, label_smoothing: float = 0.0) -> nn.Module:
-    """Cross-entropy for softmax heads, multi-class hinge (Crammer-Singer style margin) for the SVM."""
+    """Cross-entropy for softmax heads; for the SVM the multi-class squared hinge (scikit-learn's LinearSVC
+    default), which is smooth, so L-BFGS fits it to convergence."""
     if kind == "svm":
-        return nn.MultiMarginLoss(margin=1.0)
+        return nn.MultiMarginLoss(p=2, margin=1.0)
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)

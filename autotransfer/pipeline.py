@@ -44,7 +44,9 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     """Export trial `number` to `dest/` (model.onnx + json files), verified on the test split.
 
     `refits` >= 1 trains the trial's strategy that many times on train+val and exports their average
-    (see `refit.py`); 0 exports the trial's own model, trained on train only, as the search scored it.
+    (see `refit.py`); 0 exports the trial's own model, trained on train only, as the search scored it. A refit
+    whose members fail their check even with other seeds falls back to that model too; `metrics.json` then
+    says why under `refit_fallback`.
 
     `precision` may add "fp16" / "int8": model.fp16.onnx / model.int8.onnx beside model.onnx, each checked on
     the test split against fp32 and recorded under metrics["variants"] (int8 is calibrated on training images).
@@ -57,10 +59,14 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     if "strategy" not in trial.user_attrs:
         raise AutotransferError(f"Trial {number} of study {study.study_name!r} has no stored strategy to export.")
     strategy = Strategy.from_dict(trial.user_attrs["strategy"])
+    fallback = None
     if refits:
-        model, retrained = refit(strategy, backbone, cache, members=refits, device=pick_device(device)), False
-    else:
+        outcome = refit(strategy, backbone, cache, members=refits, device=pick_device(device),
+                        reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
+        model, retrained, fallback = outcome.model, False, outcome.failure
+    if not refits or fallback is not None:  # a refit that cannot be trusted ships the searched trial's own model
         model, retrained = load_trial_model(study, number, backbone, cache, study_out)
+    refits = refits if fallback is None else 0
     trained_on = TRAIN_AND_VAL if refits else "train"
     preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
                   "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),
@@ -81,7 +87,7 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         x_test = normalise(x_test, backbone.mean, backbone.std)
         checks = verify(model, tmp / "model.onnx", x_test, y_test)
         metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
-                   "retrained": retrained, "refits": refits, "trained_on": trained_on,
+                   "retrained": retrained, "refits": refits, "trained_on": trained_on, "refit_fallback": fallback,
                    "backbone": backbone.name, "data": data.name,
                    "precisions": list(precisions), "variants": {}}
         for p in precisions[1:]:

@@ -17,7 +17,7 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 # Parameters every trial has (conditional ones like lr_ratio would drop trials from these views).
-SHARED_PARAMS = ("tap", "trainable_groups", "head", "pool", "optimizer", "weight_decay", "dropout", "batch_size")
+SHARED_PARAMS = ("tap", "trainable_groups", "head", "pool", "probe_l2", "optimizer", "weight_decay", "augment")
 DPI = 110
 TARGET = "validation accuracy"  # the objective's name on Optuna's axes (instead of "Objective Value")
 

@@ -3,8 +3,8 @@
 Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
 number), `state` (complete, pruned, fail, running), `val_accuracy` (the objective value; for pruned and
 running trials the last reported one), one column per `Strategy` field (tap, freeze, pool, head, ..., seed),
-`epochs_run` (a float: fine-tuning trials report every half epoch), `pruned_at` (epochs run when pruned,
-empty otherwise), `seconds`, `note` (why it failed).
+`steps_run` (optimizer steps of a fine-tune; 0 for a head fitted to convergence), `pruned_at` (steps run when
+pruned, empty otherwise), `seconds`, `note` (why it failed).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from autotransfer.strategy import Strategy
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
 # Whole-number fields stay whole numbers (nullable) even when a failed trial has no strategy.
 _INT_COLUMNS = {f.name: "Int64" for f in Strategy.__dataclass_fields__.values() if f.type in ("int", int)}
-COLUMNS = ["rank", "trial", "state", "val_accuracy", *STRATEGY_COLUMNS, "epochs_run", "pruned_at", "seconds", "note"]
+COLUMNS = ["rank", "trial", "state", "val_accuracy", *STRATEGY_COLUMNS, "steps_run", "pruned_at", "seconds", "note"]
 TABLE_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "leaderboard.parquet", "leaderboard.json")
 
 
@@ -27,10 +27,10 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
     value = t.value if t.value is not None else (
         t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
     note = t.user_attrs.get("fail_reason") or ""
-    epochs = t.user_attrs.get("epochs_run")
+    steps = t.user_attrs.get("steps_run")
     return {"trial": t.number, "state": t.state.name.lower(), "val_accuracy": value,
-            **t.user_attrs.get("strategy", {}), "epochs_run": epochs,
-            "pruned_at": epochs if t.state == optuna.trial.TrialState.PRUNED else None,
+            **t.user_attrs.get("strategy", {}), "steps_run": steps,
+            "pruned_at": steps if t.state == optuna.trial.TrialState.PRUNED else None,
             "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""}
 
 
@@ -51,8 +51,8 @@ def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.Dat
         study, _ = load(study, storage)
     rows = [_row(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
-    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "epochs_run": "Float64",
-                    "pruned_at": "Float64", "seconds": "float64"})
+    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "steps_run": "Int64",
+                    "pruned_at": "Int64", "seconds": "float64"})
     complete = df["state"] == "complete"
     df["_order"] = (~complete).astype(int)
     df = df.sort_values(["_order", "val_accuracy", "trial"], ascending=[True, False, True], na_position="last")

@@ -25,7 +25,7 @@ SQLITE_TIMEOUT = 120  # seconds a worker waits for SQLite's write lock before gi
 SCHEMA_RACE_RETRIES = 5  # attempts after losing the race to create a fresh database's tables
 LOST_REASON = "lost: its process stopped sending heartbeats (killed or crashed); retried as a new trial"
 # Written by one attempt; a retried copy starts without them.
-_ATTEMPT_ATTRS = ("fail_reason", "seconds", "epochs_run")
+_ATTEMPT_ATTRS = ("fail_reason", "seconds", "steps_run", "train_accuracy")
 
 
 class _RetryLostTrial(RetryHeartbeatStaleTrialCallback):

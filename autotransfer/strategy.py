@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from autotransfer.defaults import DEFAULT_MAX_EPOCHS
+from autotransfer.augment import AUGMENTS
 from autotransfer.errors import ConfigError
+from autotransfer.fidelity import MIN_STEPS
 from autotransfer.heads import HEADS, POOLS
 
 if TYPE_CHECKING:
@@ -20,16 +21,13 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("sgd", "adamw")
 BN_MODES = ("train", "frozen")
-HEAD_ONLY_EPOCHS = 15  # converged: 10, 15 and 30 epochs score the same on digits (Lite0 stage5/6 probes)
-PROBE_LR = 0.05  # SGD LR of the linear probe that starts an LP-FT trial (BatchNorm'd inputs: robust)
-BATCH_SIZES = (64, 128)
-# Fine-tuning starts from a fitted head: fast.ai's one frozen epoch, or LP-FT's converged probe. On cached
-# features either costs about a second; a random head on small data gets so few steps per epoch that such
-# trials reach epoch 1 near chance and are pruned, wasting their epoch.
-PROBE_EPOCHS = (1, HEAD_ONLY_EPOCHS)
-# Head LR ranges per optimizer: a head on frozen features takes large steps; a fine-tune needs small ones.
-LR_RANGES = {("sgd", False): (1e-3, 0.3), ("adamw", False): (1e-4, 1e-2),
-             ("sgd", True): (5e-3, 0.1), ("adamw", True): (2e-4, 3e-3)}
+# Head LR ranges per optimizer when the backbone trains (head-only trials are fitted by L-BFGS, no LR).
+LR_RANGES = {"sgd": (5e-3, 0.1), "adamw": (2e-4, 3e-3)}
+# L2 strength of a head fitted to convergence on frozen features (standardised inputs, mean loss + l2/2 ||W||^2).
+PROBE_L2_RANGE = (1e-5, 1.0)
+DEFAULT_PROBE_L2 = 1e-2  # the linear probe that starts every fine-tune (LP-FT): weaker L2 gives large head
+# weights whose gradients jolt the features in the first steps (tiny CNN, SGD 0.02: val 0.13-0.67 after one step
+# at 1e-3, 0.32-0.83 at 1e-2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,19 +37,19 @@ class Strategy:
     tap: int  # groups 1..tap run; the output of group `tap` feeds the head
     freeze: int  # groups 1..freeze keep pretrained weights (freeze == tap: pure feature extractor)
     pool: str = "avg"  # "avg" or "avgmax" global pooling of the tapped activations
-    head: str = "linear"  # "linear" (softmax), "svm" (multi-class hinge) or "mlp"
+    head: str = "linear"  # "linear" (softmax), "svm" (multi-class squared hinge) or "mlp"
     mlp_hidden: int = 0  # hidden width of the mlp head (0 for other heads)
-    dropout: float = 0.0  # dropout before each linear layer of the head
-    lr: float = 0.01  # learning rate of the head
+    dropout: float = 0.0  # dropout before each linear layer of the head (fine-tuning only)
+    lr: float = 0.01  # learning rate of the head when the backbone trains
     lr_ratio: float = 1.0  # lowest trainable group's LR / head LR; geometric in between (0.01 = "100x smaller")
     optimizer: str = "sgd"  # "sgd" (momentum 0.9, Nesterov) or "adamw"
-    weight_decay: float = 1e-4  # on weights with ndim >= 2 of the head, and of the backbone unless L2-SP is on
+    weight_decay: float = 1e-4  # fine-tune: decoupled decay on weights; head only: the L2 strength of the fit
     l2sp_alpha: float = 0.0  # alpha/2 * ||w - w_pretrained||^2 on trainable backbone weights (0 = off)
     label_smoothing: float = 0.0  # softmax heads only
     bn: str = "frozen"  # BatchNorm of trainable groups: "train" (batch statistics) or "frozen" (running)
-    probe_epochs: int = 0  # head-only epochs on cached features before the backbone trains (15: LP-FT, 1: fast.ai)
-    epochs: int = HEAD_ONLY_EPOCHS
-    batch_size: int = 64
+    augment: str = "none"  # fine-tuning only: "none", "shift", "crop" or "trivial" (see augment.py)
+    flip: bool = False  # random horizontal flips on top of `augment` (wrong for digits and text)
+    steps: int = 0  # optimizer steps of a fine-tune (its cosine schedule); 0 for a head fitted to convergence
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,9 +67,9 @@ class Strategy:
             (self.l2sp_alpha >= 0, f"l2sp_alpha must be >= 0, but got {self.l2sp_alpha}."),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.bn in BN_MODES, f"bn must be one of {BN_MODES}, but got bn={self.bn!r}."),
-            (self.probe_epochs >= 0, f"probe_epochs must be >= 0, but got {self.probe_epochs}."),
-            (self.epochs >= 1, f"epochs must be >= 1, but got epochs={self.epochs}."),
-            (self.batch_size >= 1, f"batch_size must be >= 1, but got batch_size={self.batch_size}."),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, but got augment={self.augment!r}."),
+            (self.steps >= 0, f"steps must be >= 0, but got steps={self.steps}."),
+            (self.steps >= 1 or self.freeze == self.tap, f"a fine-tune needs steps >= 1, but got steps={self.steps}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -90,16 +88,16 @@ class Strategy:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def describe(self, group_names: tuple[str, ...] | None = None) -> str:
-        """One line in words, e.g. 'linear head on stage5 (avgmax), backbone frozen'."""
+        """One line in words, e.g. 'linear head on stage5 (avgmax pool), backbone frozen (L2 0.001)'."""
         where = group_names[self.tap - 1] if group_names else f"group {self.tap}"
         if not self.trains_backbone:
-            body = "backbone frozen"
+            body = f"backbone frozen (head fitted to convergence, L2 {self.weight_decay:.2g})"
         else:
             first = group_names[self.freeze] if group_names else f"group {self.freeze + 1}"
-            probe = f" after a {self.probe_epochs}-epoch probe" if self.probe_epochs else ""
-            body = (f"fine-tune {first}..{where}{probe} ({self.optimizer}, "
+            augment = "" if self.augment == "none" else f", {self.augment}{'+flip' if self.flip else ''} augmentation"
+            body = (f"fine-tune {first}..{where} after a linear probe ({self.optimizer}, "
                     f"lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
-                    f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}, {self.epochs} epochs)")
+                    f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}{augment}, {self.steps} steps)")
         return f"{self.head} head on {where} ({self.pool} pool), {body}"
 
 
@@ -107,16 +105,16 @@ class Strategy:
 class SearchSpace:
     """Bounds of the search that depend on the backbone, the data and the budget, not on the trial.
 
-    `min_tap..max_tap` and `max_trainable` come from the transferability prior (see `prior.py`): taps
-    whose features score far below the best are not searched, and small data sets fine-tune at most a
-    few groups under the tap.
+    `min_tap..max_tap` come from the transferability prior (see `prior.py`): taps whose features score far
+    below the best are not searched. `max_steps` is the full fine-tuning schedule of the data's step ladder
+    (see `fidelity.py`).
     """
 
     num_groups: int  # G: the backbone's groups
-    max_epochs: int = DEFAULT_MAX_EPOCHS  # head-only trials use HEAD_ONLY_EPOCHS
+    max_steps: int = MIN_STEPS  # optimizer steps of every fine-tune; the pruner stops most of them early
     min_tap: int = 1
     max_tap: int = 0  # 0: num_groups
-    max_trainable: int = 0  # most groups a trial fine-tunes; 0: any number
+    max_trainable: int | None = None  # most groups a trial fine-tunes; None: any number
     seed: int = 0
 
     @property
@@ -124,63 +122,62 @@ class SearchSpace:
         return self.min_tap, self.max_tap or self.num_groups
 
     @property
-    def trainable_range(self) -> int:
-        return self.max_trainable or self.tap_range[1]
+    def max_trainable_groups(self) -> int:
+        return self.tap_range[1] if self.max_trainable is None else self.max_trainable
 
 
 def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
     """Draw one strategy; parameters are only suggested where they matter (define-by-run).
 
-    Every parameter name has one fixed distribution (the LR is named per optimizer and per mode), which
-    is what Optuna's multivariate TPE needs to model them jointly.
+    Every parameter name has one fixed distribution (the LR is named per optimizer, the head-only L2 apart
+    from the fine-tuning weight decay), which is what Optuna's multivariate TPE needs to model them jointly.
     """
     tap = trial.suggest_int("tap", *space.tap_range)
-    trainable = trial.suggest_int("trainable_groups", 0, space.trainable_range)
+    trainable = trial.suggest_int("trainable_groups", 0, space.max_trainable_groups)
     freeze = max(0, tap - trainable)
     head = trial.suggest_categorical("head", HEADS)
-    optimizer = trial.suggest_categorical("optimizer", OPTIMIZERS)
-    fine_tune = freeze < tap
     params: dict[str, Any] = dict(
-        tap=tap,
-        freeze=freeze,
-        pool=trial.suggest_categorical("pool", POOLS),
-        head=head,
+        tap=tap, freeze=freeze, head=head, pool=trial.suggest_categorical("pool", POOLS),
         mlp_hidden=trial.suggest_categorical("mlp_hidden", (128, 256, 512)) if head == "mlp" else 0,
-        dropout=trial.suggest_float("dropout", 0.0, 0.5),
-        optimizer=optimizer,
-        lr=trial.suggest_float(f"{'ft_' if fine_tune else ''}lr_{optimizer}", *LR_RANGES[optimizer, fine_tune],
-                               log=True),
-        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2) if head != "svm" else 0.0,
-        batch_size=trial.suggest_categorical("batch_size", BATCH_SIZES),
-        seed=space.seed,
+        seed=space.seed)
+    if freeze == tap:  # a head on frozen features, fitted to convergence: only its L2 strength matters
+        params["weight_decay"] = trial.suggest_float("probe_l2", *PROBE_L2_RANGE, log=True)
+        return Strategy(**params)
+    optimizer = trial.suggest_categorical("optimizer", OPTIMIZERS)
+    augment = trial.suggest_categorical("augment", AUGMENTS)
+    params.update(
+        optimizer=optimizer,
+        lr=trial.suggest_float(f"ft_lr_{optimizer}", *LR_RANGES[optimizer], log=True),
+        lr_ratio=trial.suggest_float("lr_ratio", 0.01, 1.0, log=True),
+        weight_decay=trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
+        l2sp_alpha=trial.suggest_float("l2sp_alpha", 1e-4, 1e-1, log=True)
+        if trial.suggest_categorical("l2sp", (True, False)) else 0.0,
+        bn=trial.suggest_categorical("bn", BN_MODES),
+        dropout=trial.suggest_float("dropout", 0.0, 0.5),
+        augment=augment,
+        flip=trial.suggest_categorical("flip", (False, True)) if augment != "none" else False,
+        steps=space.max_steps,
     )
-    if fine_tune:
-        params.update(
-            epochs=trial.suggest_int("epochs", 1, space.max_epochs),
-            lr_ratio=trial.suggest_float("lr_ratio", 0.01, 1.0, log=True),
-            l2sp_alpha=trial.suggest_float("l2sp_alpha", 1e-4, 1e-1, log=True)
-            if trial.suggest_categorical("l2sp", (True, False)) else 0.0,
-            bn=trial.suggest_categorical("bn", BN_MODES),
-            probe_epochs=trial.suggest_categorical("probe_epochs", PROBE_EPOCHS),
-        )
     return Strategy(**params)
 
 
 def enqueue_params(strategy: Strategy) -> dict[str, Any]:
     """The Optuna parameter dict that makes `suggest_strategy` return `strategy` (for enqueue_trial)."""
     s = strategy
-    fine_tune = s.trains_backbone
-    p: dict[str, Any] = dict(tap=s.tap, trainable_groups=s.tap - s.freeze, head=s.head, pool=s.pool,
-                             dropout=s.dropout, optimizer=s.optimizer, weight_decay=s.weight_decay,
-                             batch_size=s.batch_size)
-    p[f"{'ft_' if fine_tune else ''}lr_{s.optimizer}"] = s.lr
+    p: dict[str, Any] = dict(tap=s.tap, trainable_groups=s.tap - s.freeze, head=s.head, pool=s.pool)
     if s.head == "mlp":
         p["mlp_hidden"] = s.mlp_hidden
     if s.head != "svm":
         p["label_smoothing"] = s.label_smoothing
-    if fine_tune:
-        p.update(epochs=s.epochs, lr_ratio=s.lr_ratio, l2sp=s.l2sp_alpha > 0, bn=s.bn, probe_epochs=s.probe_epochs)
-        if s.l2sp_alpha > 0:
-            p["l2sp_alpha"] = s.l2sp_alpha
+    if not s.trains_backbone:
+        p["probe_l2"] = s.weight_decay
+        return p
+    p.update({"optimizer": s.optimizer, f"ft_lr_{s.optimizer}": s.lr, "lr_ratio": s.lr_ratio,
+              "weight_decay": s.weight_decay, "l2sp": s.l2sp_alpha > 0, "bn": s.bn, "dropout": s.dropout,
+              "augment": s.augment})
+    if s.l2sp_alpha > 0:
+        p["l2sp_alpha"] = s.l2sp_alpha
+    if s.augment != "none":
+        p["flip"] = s.flip
     return p

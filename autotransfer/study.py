@@ -22,15 +22,15 @@ from optuna.trial import TrialState
 
 from autotransfer.backbones import Backbone
 from autotransfer.budget import NOT_RUN_REASON, TWIN_REASON, count, earlier_twin, has_place, not_run, wait_for_slot
-from autotransfer.defaults import DEFAULT_MAX_EPOCHS
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
+from autotransfer.fidelity import REDUCTION, StepLadder
 from autotransfer.model import TransferModel, build_model
 from autotransfer.prior import build_prior
 from autotransfer.storage import DEFAULT_HEARTBEAT, fail_lost_trials, open_storage, requeue
 from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
-from autotransfer.trainer import REPORTS_PER_EPOCH, TrainingDiverged, TrialResult, train_trial
+from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -52,7 +52,7 @@ class StudyConfig:
     out: Path  # output folder: checkpoints, leaderboards, best/
     budget: int = 50  # finished trials in the study
     seed: int = 0
-    max_epochs: int = DEFAULT_MAX_EPOCHS
+    max_steps: int | None = None  # a fine-tune's optimizer steps; None: derived from the data (fidelity.py)
     timeout: float | None = None  # seconds for this process
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     heartbeat: int = DEFAULT_HEARTBEAT  # seconds between heartbeats; a trial silent for 3 of them is retried
@@ -64,19 +64,18 @@ def default_storage(out: Path) -> str:
 
 def open_study(config: StudyConfig, *, backbone: Backbone | None = None,
                data_fingerprint: str | None = None) -> optuna.Study:
-    """Create or load the study; refuse to mix data sets or backbones under one name."""
+    """Create or load the study; refuse to mix data sets or backbones under one name.
+
+    Its pruner is set by `run_study`, from the step ladder stored with the search space.
+    """
     with warnings.catch_warnings():  # multivariate/group/constant_liar are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
                                              n_startup_trials=max(5, config.budget // 5))
-    # Successive halving on half-epochs of fine-tuning: after half an epoch only the best third of the trials
-    # that reached it go on, and after 1.5 epochs the best third of those. Head-only trials report nothing: at a
-    # second each, pruning saves nothing.
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
     storage = open_storage(config.storage, heartbeat=config.heartbeat)
     try:
         study = optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize",
-                                    sampler=sampler, pruner=pruner, load_if_exists=True)
+                                    sampler=sampler, load_if_exists=True)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
         raise ConfigError(f"Storage URL {config.storage!r} cannot be opened ({type(e).__name__}: "
                           f"{str(e).splitlines()[0][:120]}); pass an Optuna storage URL such as "
@@ -146,7 +145,7 @@ def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCach
     stored = study.user_attrs.get("search_space")
     if stored is not None:
         return SearchSpace(**stored)
-    prior = build_prior(cache, max_epochs=config.max_epochs, seed=config.seed)
+    prior = build_prior(cache, max_steps=config.max_steps, seed=config.seed)
     if not study.trials:
         for s in prior.first_strategies[:config.budget]:  # no waiting trials left over past the budget
             study.enqueue_trial(enqueue_params(s), user_attrs={"enqueued": "prior"}, skip_if_exists=True)
@@ -168,6 +167,10 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
     if study is None:
         study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     space = search_space(study, config, cache)
+    ladder = StepLadder(space.max_steps)
+    # Successive halving on the step ladder of fine-tuning (see `fidelity.py`): at each rung only the best third
+    # of the trials that reached it go on. Head-only trials (an L-BFGS fit, about a second) report nothing.
+    study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=ladder.min_steps, reduction_factor=REDUCTION)
     device = pick_device(config.device)
     best = [max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)]
     failures, interrupted = [0], []
@@ -200,19 +203,19 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         strategy = suggest_strategy(trial, space)
         trial.set_user_attr("strategy", strategy.to_dict())
 
-        def report(step: int, value: float) -> None:  # Optuna's step: half-epochs (REPORTS_PER_EPOCH)
-            epochs = step / REPORTS_PER_EPOCH
-            trial.set_user_attr("epochs_run", epochs)
+        def report(step: int, value: float) -> None:  # Optuna's step: optimizer steps of the fine-tune
+            trial.set_user_attr("steps_run", step)
             trial.report(value, step)
-            if epochs < strategy.epochs and trial.should_prune():  # the last epoch's result is complete: keep it
-                raise optuna.TrialPruned(f"val accuracy {value:.4f} after {epochs:g} epochs")
+            if step < strategy.steps and trial.should_prune():  # the last step's result is complete: keep it
+                raise optuna.TrialPruned(f"val accuracy {value:.4f} after {step} steps")
 
         try:
-            result = train_trial(strategy, backbone, cache, report=report, device=device)
+            result = train_trial(strategy, backbone, cache, report=report, report_at=ladder.rungs, device=device)
         except TrainingDiverged as e:
             trial.set_user_attr("fail_reason", str(e))
             raise optuna.TrialPruned(str(e)) from None
-        trial.set_user_attr("epochs_run", result.epochs_run)
+        trial.set_user_attr("steps_run", result.steps_run)
+        trial.set_user_attr("train_accuracy", result.train_accuracy)
         best_now = best_trial(study)  # other workers' trials count too: keep only the study's best weights
         best[0] = max(best[0], best_now.value if best_now is not None else -math.inf)
         if result.val_accuracy > best[0]:

@@ -1,32 +1,37 @@
 """Train one strategy on cached activations and score it on the validation split.
 
-The trainer knows nothing about Optuna: a fine-tuning trial calls `report(step, val_accuracy)` every half
-epoch, and the caller decides whether that stops the trial (by raising from the callback).
+Two kinds of trial. A head on frozen features is fitted to convergence by full-batch L-BFGS on the cached
+pooled vectors: the same strategy gets the same score whatever its seed, so the search ranks strategies,
+not SGD noise. A fine-tune first fits its head the same way (LP-FT), then trains for `strategy.steps`
+optimizer steps under a cosine schedule, from the cached activations at its freeze boundary or, when it
+augments, from the images (its frozen groups then run every step, without gradients).
+
+The trainer knows nothing about Optuna: a fine-tune calls `report(step, val_accuracy)` at the steps in
+`report_at` and at its last step, and the caller decides whether that stops the trial (by raising).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
 from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import ActivationCache
+from autotransfer.fidelity import BATCH_SIZE
 from autotransfer.heads import head_loss
 from autotransfer.model import TransferModel, build_model
-from autotransfer.strategy import PROBE_LR, Strategy
+from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
 
 Report = Callable[[int, float], None]
-# Validation checkpoints per fine-tuning epoch: a pruner can stop a hopeless trial after half an epoch. Each costs
-# one pass over the validation split through the trainable groups, a few percent of an epoch.
-REPORTS_PER_EPOCH = 2
+LBFGS_ITERATIONS = 300  # converged: digits probes move by less than one validation image past ~100
 
 
 class TrainingDiverged(AutotransferError):
@@ -36,10 +41,11 @@ class TrainingDiverged(AutotransferError):
 @dataclass
 class TrialResult:
     val_accuracy: float
-    epochs_run: int
+    train_accuracy: float  # on the data it was fitted to, without augmentation (refits are checked against it)
+    steps_run: int  # optimizer steps of a fine-tune; 0 for a head fitted by L-BFGS
     seconds: float
     model: TransferModel = field(repr=False)
-    history: list[float] = field(default_factory=list)  # validation accuracy after each epoch
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation accuracy) at each report
 
 
 def param_groups(model: TransferModel, strategy: Strategy) -> list[dict]:
@@ -97,6 +103,40 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
     return correct / max(1, len(x))
 
 
+def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: Strategy, *,
+             l2: float | None = None) -> None:
+    """Fit a head to convergence on pooled features `x` by full-batch L-BFGS (in place).
+
+    The head's BatchNorm standardises with the statistics of `x` (its affine part stays the identity), the
+    final linear layer starts at zero, and the loss is convex for linear and SVM heads: the fit does not
+    depend on the seed. `l2` (default: the strategy's `weight_decay`) penalises l2/2 * ||W||^2.
+    """
+    l2 = strategy.weight_decay if l2 is None else l2
+    norm, layers = head[0], head[1:]
+    with torch.no_grad():
+        norm.running_mean.copy_(x.mean(0))
+        norm.running_var.copy_(x.var(0, unbiased=False))
+        layers[-1].weight.zero_()
+        layers[-1].bias.zero_()
+    head.eval()  # BatchNorm on the statistics just set, dropout off: a deterministic objective
+    params = [p for p in layers.parameters() if p.requires_grad]
+    weights = [p for p in params if p.ndim > 1]
+    criterion = head_loss(strategy.head, label_smoothing=strategy.label_smoothing)
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=LBFGS_ITERATIONS, history_size=20,
+                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
+    features = norm(x).detach()
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(layers(features), y) + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} in the head's L-BFGS fit")
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+
+
 def _set_train_mode(model: TransferModel, strategy: Strategy, *, new_epoch: bool = True) -> None:
     """Head in train mode; trainable groups per `strategy.bn`; frozen groups in eval mode.
 
@@ -124,29 +164,27 @@ def _to_input(x: torch.Tensor, device: torch.device, cache: ActivationCache) -> 
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 
-def _probe_head(model: TransferModel, strategy: Strategy, backbone: Backbone, cache: ActivationCache,
-                device: torch.device, use_cache: bool = True, fit_split: str = "train") -> None:
-    """Train the head alone for `probe_epochs` on the cached tapped features, before the backbone trains.
-
-    A random head's gradients wreck pretrained features in the first steps; a fitted one does not (LP-FT,
-    Kumar et al., 2022, with a converged probe; fast.ai's `fine_tune` with one frozen epoch). On cached
-    vectors the probe costs about a second.
-    """
-    probe = dataclasses.replace(strategy, freeze=strategy.tap, epochs=strategy.probe_epochs, optimizer="sgd",
-                                lr=PROBE_LR, l2sp_alpha=0.0, probe_epochs=0)
-    fitted = train_trial(probe, backbone, cache, device=device, use_cache=use_cache, fit_split=fit_split).model
-    model.head.load_state_dict(fitted.head.state_dict())
+def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache: bool,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features at the tap for one split: cached, or (the naive baseline) computed from the images."""
+    tap = len(model.groups)
+    if use_cache:
+        return cache.pooled(tap, model.pool.kind, split)
+    x, y = cache.split(0, split)
+    model.eval()
+    with torch.no_grad():
+        feats = [model.pool(nn.Sequential(*model.groups)(_to_input(x[i:i + 256], device, cache))).float().cpu()
+                 for i in range(0, len(x), 256)]
+    return torch.cat(feats), y
 
 
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, report: Report | None = None,
-                device: torch.device | str = "cpu", use_cache: bool = True, fit_split: str = "train") -> TrialResult:
-    """Train `strategy` from the activations at boundary `freeze`; return the final validation accuracy.
+                report_at: Sequence[int] = (), device: torch.device | str = "cpu", use_cache: bool = True,
+                fit_split: str = "train") -> TrialResult:
+    """Train `strategy`; return its final validation accuracy (and its accuracy on the data it was fitted to).
 
-    `report(step, val_accuracy)` is called every 1/REPORTS_PER_EPOCH of a fine-tuning epoch (step counts
-    from 1); head-only trials take about a second and report nothing, so a pruner only ever stops expensive
-    trials.
-    `use_cache=False` runs every batch through the whole model from the images instead (the naive
-    baseline of `benchmarks/search_speed.py`); the training itself is the same.
+    `use_cache=False` computes everything from the images instead (the naive baseline of
+    `benchmarks/search_speed.py`); the training itself is the same.
     `fit_split="train+val"` trains on both splits (the final refit, see `refit.py`); the validation accuracy
     it returns then scores training data and is no estimate of anything.
     """
@@ -155,69 +193,81 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     device = torch.device(device)
     torch.manual_seed(s.seed)
     model = build_model(s, backbone, len(cache.data.classes)).to(device, memory_format=torch.channels_last)
-    if s.trains_backbone or not use_cache:
-        start = s.freeze if use_cache else 0
-        x_train, y_train = cache.split(start, fit_split)
-        x_val, y_val = cache.split(start, "val")
-        if s.probe_epochs:
-            _probe_head(model, s, backbone, cache, device, use_cache, fit_split)
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return model.forward_from(x, start)
-    else:  # pure feature extractor: pooled vectors are cached too, train only the head on them
-        x_train, y_train = cache.pooled(s.tap, s.pool, fit_split)
-        x_val, y_val = cache.pooled(s.tap, s.pool, "val")
-        forward = model.head
-        if device.type == "cpu":  # tiny matrix products: one thread beats two that wait on each other
-            with threads(1):
-                return _fit(model, forward, s, cache, (x_train, y_train), (x_val, y_val), device, report, start_time)
-    return _fit(model, forward, s, cache, (x_train, y_train), (x_val, y_val), device, report, start_time)
+    one_thread = threads(1) if device.type == "cpu" else contextlib.nullcontext()  # tiny full-batch products
+    with one_thread:
+        x_fit, y_fit = _pooled(model, cache, fit_split, use_cache, device)
+        fit_head(model.head, x_fit.to(device), y_fit.to(device), s,
+                 l2=None if not s.trains_backbone else DEFAULT_PROBE_L2)
+    if not s.trains_backbone:
+        x_val, y_val = _pooled(model, cache, "val", use_cache, device)
+        with torch.no_grad():
+            val = accuracy(model.head, x_val, y_val, cache, device)
+            train = accuracy(model.head, x_fit, y_fit, cache, device)
+        model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+        return TrialResult(val_accuracy=val, train_accuracy=train, steps_run=0,
+                           seconds=time.perf_counter() - start_time, model=model)
+    return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time)
 
 
-def _fit(model: TransferModel, forward: Callable[[torch.Tensor], torch.Tensor], s: Strategy, cache: ActivationCache,
-         train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], device: torch.device,
-         report: Report | None, start_time: float) -> TrialResult:
-    """The training loop shared by head-only and fine-tuning trials."""
-    (x_train, y_train), (x_val, y_val) = train, val
+def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
+               report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float) -> TrialResult:
+    """`s.steps` optimizer steps from the fitted head; reports validation accuracy at `report_at` and at the end."""
+    augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
+    start = s.freeze if use_cache and augment is None else 0  # augmented views are new: start from the images
+    evaluate_from = s.freeze if use_cache else 0  # evaluation has no augmentation: the cache serves it
+    x_train, y_train = cache.split(start, fit_split)
+    x_fit_eval, _ = cache.split(evaluate_from, fit_split)
+    x_val, y_val = cache.split(evaluate_from, "val")
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
     optimizer = _optimizer(param_groups(model, s), s)
-    steps_per_epoch = math.ceil(len(x_train) / s.batch_size)
-    total_steps = steps_per_epoch * s.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.steps)
     criterion = head_loss(s.head, label_smoothing=s.label_smoothing)
     generator = torch.Generator().manual_seed(s.seed)
     y_train = y_train.to(device)
+    checkpoints = set(report_at) if report is not None else set()
 
-    checkpoints = s.trains_backbone and report is not None
-    part_way = {round(steps_per_epoch * k / REPORTS_PER_EPOCH): k for k in range(1, REPORTS_PER_EPOCH)}
-    part_way.pop(0, None)  # an epoch of one batch has no middle
-    history: list[float] = []
-    for epoch in range(1, s.epochs + 1):
-        _set_train_mode(model, s)
-        order = torch.randperm(len(x_train), generator=generator)
-        for step, i in enumerate(range(0, len(order), s.batch_size)):
-            if checkpoints and step in part_way:
-                model.eval()
-                report((epoch - 1) * REPORTS_PER_EPOCH + part_way[step], accuracy(forward, x_val, y_val, cache, device))
-                _set_train_mode(model, s, new_epoch=False)
-            idx = order[i:i + s.batch_size]
-            if len(idx) < 2 and i > 0:  # BatchNorm cannot train on a single example
-                continue
-            with autocast(device):
-                loss = criterion(forward(_to_input(x_train[idx], device, cache)).float(), y_train[idx.to(device)])
-            if s.trains_backbone and s.l2sp_alpha > 0:
-                loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss became {loss.item()} at epoch {epoch}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    def forward_train(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_from(x, start)
+
+    def forward_eval(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_from(x, evaluate_from)
+
+    def validate() -> float:
         model.eval()
-        history.append(accuracy(forward, x_val, y_val, cache, device))
-        if checkpoints:
-            report(epoch * REPORTS_PER_EPOCH, history[-1])
+        value = accuracy(forward_eval, x_val, y_val, cache, device)
+        _set_train_mode(model, s, new_epoch=False)
+        return value
+
+    history: list[tuple[int, float]] = []
+    step, order, position = 0, torch.empty(0, dtype=torch.long), 0
+    while step < s.steps:
+        if position + 2 > len(order):  # a new epoch (BatchNorm cannot train on a single example)
+            order, position = torch.randperm(len(x_train), generator=generator), 0
+            _set_train_mode(model, s)
+        idx = order[position:position + BATCH_SIZE]
+        position += BATCH_SIZE
+        batch = x_train[idx]
+        if augment is not None:
+            batch = augment_batch(batch, augment)
+        with autocast(device):
+            loss = criterion(forward_train(_to_input(batch, device, cache)).float(), y_train[idx.to(device)])
+        if s.l2sp_alpha > 0:
+            loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        if step in checkpoints and step < s.steps:
+            history.append((step, validate()))
+            report(step, history[-1][1])
+    model.eval()
+    history.append((step, accuracy(forward_eval, x_val, y_val, cache, device)))
+    if report is not None:
+        report(step, history[-1][1])
+    train = accuracy(forward_eval, x_fit_eval, cache.labels[cache.slices[fit_split]], cache, device)
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-    return TrialResult(val_accuracy=history[-1], epochs_run=len(history), seconds=time.perf_counter() - start_time,
-                       model=model, history=history)
+    return TrialResult(val_accuracy=history[-1][1], train_accuracy=train, steps_run=step,
+                       seconds=time.perf_counter() - start_time, model=model, history=history)

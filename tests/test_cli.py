@@ -12,7 +12,7 @@ from tests.test_data import _write_images
 
 
 def _search(tmp_path, *extra):
-    return main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "4", "--max-epochs", "2",
+    return main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "4", "--max-steps", "20",
                  "--out", str(tmp_path / "run"), *extra])
 
 
@@ -21,7 +21,7 @@ def test_search_writes_leaderboards_and_a_verified_model(tmp_path, capsys):
     out = tmp_path / "run"
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board) == 4 and {"rank", "trial", "state", "val_accuracy", "tap", "freeze", "head", "lr_ratio",
-                                "epochs_run", "seconds"} <= set(board.columns)
+                                "steps_run", "seconds"} <= set(board.columns)
     md = (out / "leaderboard.md").read_text().splitlines()
     assert md[0].split("|")[1].strip() == "rank" and len(md) == 2 + 4
     best = out / "best"
@@ -149,7 +149,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
 
 
 def test_same_study_name_with_other_data_or_backbone_is_refused_and_keeps_the_study(tmp_path, capsys):
-    args = ["--budget", "1", "--max-epochs", "1", "--out", str(tmp_path / "run"), "--study-name", "pets"]
+    args = ["--budget", "1", "--max-steps", "20", "--out", str(tmp_path / "run"), "--study-name", "pets"]
     assert main(["search", "digits", *_TINY_ARGS, *args]) == 0
     before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
     board = (tmp_path / "run" / "leaderboard.csv").read_text()
@@ -167,7 +167,7 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_warning(tmp_path, caplog
     data = _classes(tmp_path / "d", a=8, b=8)
     (data / "b" / "broken.png").write_bytes(b"not a png")
     (data / "a" / "notes.txt").write_text("labelled by Ann")
-    assert main(["search", str(data), *_TINY_ARGS, "--budget", "1", "--max-epochs", "1",
+    assert main(["search", str(data), *_TINY_ARGS, "--budget", "1", "--max-steps", "20",
                  "--out", str(tmp_path / "run")]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]  # on stderr from the CLI
     assert any("Skipping unreadable image" in w and "broken.png" in w for w in warnings)

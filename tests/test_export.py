@@ -12,7 +12,7 @@ from autotransfer.strategy import Strategy
 
 @pytest.mark.parametrize("head", ["linear", "svm", "mlp"])
 def test_each_head_exports_with_parity_and_dynamic_batch(head, tiny, digits16, tmp_path):
-    s = Strategy(tap=3, freeze=1, head=head, mlp_hidden=32 if head == "mlp" else 0, dropout=0.3, epochs=2)
+    s = Strategy(tap=3, freeze=1, head=head, mlp_hidden=32 if head == "mlp" else 0, dropout=0.3, steps=20)
     model = build_model(s, tiny, 10).eval()
     with torch.no_grad():  # non-trivial head statistics
         model.head[0].running_mean.uniform_(-1, 1)

@@ -20,7 +20,7 @@ from tests.conftest import TINY
 def best(tmp_path_factory):
     """One tiny search exported in all three precisions (shared: a search is the slow part)."""
     out = tmp_path_factory.mktemp("precision") / "run"
-    assert main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "2", "--max-epochs", "2",
+    assert main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "2", "--max-steps", "20",
                  "--out", str(out), "--precision", "fp16", "--precision", "int8"]) == 0
     return out / "best"
 

@@ -37,7 +37,7 @@ def test_logme_and_probe_rank_informative_features_above_noise():
 
 
 def test_prior_places_the_data_and_enqueues_its_recommendation_first(tiny_cache):
-    prior = build_prior(tiny_cache, max_epochs=3)
+    prior = build_prior(tiny_cache, max_steps=30)
     assert prior.size == "small" and prior.images_per_class < 1000
     best = max(prior.scores, key=lambda s: s.probe_accuracy)
     expected = "similar" if prior.final.probe_accuracy >= best.probe_accuracy - 0.01 else "different"
@@ -45,7 +45,11 @@ def test_prior_places_the_data_and_enqueues_its_recommendation_first(tiny_cache)
     assert prior.first_strategies[0] == prior.recommended
     assert len(set(prior.first_strategies)) == len(prior.first_strategies)
     low, high = prior.space.tap_range
-    assert low <= best.group <= high and prior.space.max_trainable == 2
+    assert low <= best.group <= high and prior.space.max_steps == 30
+    hand = [s for s in prior.first_strategies if s.freeze == 0 and s.augment == "shift"]
+    assert hand and all(s.optimizer == "adamw" and s.bn == "frozen" and s.label_smoothing == 0.1 and not s.flip
+                        for s in hand), "the careful hand recipe is always among the first trials"
+    assert all(s.steps == 30 for s in prior.first_strategies if s.trains_backbone)
     assert all(0 < s.probe_accuracy <= 1 for s in prior.scores)
 
 

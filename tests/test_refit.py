@@ -11,12 +11,12 @@ from autotransfer.cli import main
 from autotransfer.export import cpu_session, export_onnx, verify
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
 from autotransfer.model import TransferModel
-from autotransfer.refit import Ensemble, refit
+from autotransfer.refit import Ensemble, refit, refit_schedule
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import train_trial
 from tests.conftest import TINY
 
-FINE_TUNE = Strategy(tap=3, freeze=1, head="linear", pool="avgmax", lr=0.02, lr_ratio=0.1, epochs=1, probe_epochs=1)
+FINE_TUNE = Strategy(tap=3, freeze=1, head="linear", pool="avgmax", lr=0.005, lr_ratio=0.1, steps=20)
 
 
 def test_train_and_val_is_the_train_rows_then_the_val_rows(tiny_cache):
@@ -28,12 +28,12 @@ def test_train_and_val_is_the_train_rows_then_the_val_rows(tiny_cache):
     assert torch.equal(pooled, torch.cat([tiny_cache.pooled(2, "avg", s)[0] for s in ("train", "val")]))
 
 
-@pytest.mark.parametrize("strategy", [FINE_TUNE, Strategy(tap=2, freeze=2, epochs=5)], ids=["fine-tune", "head"])
+@pytest.mark.parametrize("strategy", [FINE_TUNE, Strategy(tap=2, freeze=2)], ids=["fine-tune", "head"])
 def test_a_refit_trains_on_exactly_the_train_and_val_rows(strategy, tiny, digits16):
-    refitted = refit(strategy, tiny, ActivationCache(tiny, digits16), members=1)
+    refitted = refit(strategy, tiny, ActivationCache(tiny, digits16), members=1).model
     stretched = ActivationCache(tiny, digits16)  # a cache whose "train" is train+val: the same rows, same order
     stretched.slices["train"] = stretched.slices[TRAIN_AND_VAL]
-    expected = train_trial(strategy, tiny, stretched).model
+    expected = train_trial(refit_schedule(strategy, ActivationCache(tiny, digits16)), tiny, stretched).model
     searched = train_trial(strategy, tiny, ActivationCache(tiny, digits16)).model
     assert isinstance(refitted, TransferModel)
     for name, value in expected.state_dict().items():
@@ -59,14 +59,14 @@ def test_the_ensemble_averages_probabilities_and_runs_the_frozen_groups_once(tin
 
 def test_members_of_different_strategies_are_refused(tiny, digits16):
     cache = ActivationCache(tiny, digits16)
-    a = train_trial(Strategy(tap=2, freeze=2, epochs=1), tiny, cache).model
-    b = train_trial(Strategy(tap=2, freeze=1, epochs=1), tiny, cache).model
+    a = train_trial(Strategy(tap=2, freeze=2), tiny, cache).model
+    b = train_trial(Strategy(tap=2, freeze=1, steps=2), tiny, cache).model
     with pytest.raises(ValueError, match="share one strategy"):
         Ensemble([a, b])
 
 
 def test_an_ensemble_exports_to_onnx_with_parity(tiny, digits16, tmp_path):
-    model = refit(FINE_TUNE, tiny, ActivationCache(tiny, digits16), members=2)
+    model = refit(FINE_TUNE, tiny, ActivationCache(tiny, digits16), members=2).model
     path = export_onnx(model, tmp_path / "m.onnx", image_size=16, metadata={})
     x, y = digits16.subset("test")
     out = verify(model, path, normalise(x, tiny.mean, tiny.std), y)
@@ -76,7 +76,7 @@ def test_an_ensemble_exports_to_onnx_with_parity(tiny, digits16, tmp_path):
 
 
 def _search(out, *extra):
-    return main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "2", "--max-epochs", "1",
+    return main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "2", "--max-steps", "20",
                  "--out", str(out), *extra])
 
 
@@ -100,3 +100,43 @@ def test_a_negative_refit_count_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--refit must be at least 0, got -1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refit_keeps_the_trials_epochs_on_its_larger_data(tiny, digits16):
+    cache = ActivationCache(tiny, digits16)
+    train, both = len(digits16.split["train"]), len(digits16.split["train"]) + len(digits16.split["val"])
+    assert refit_schedule(FINE_TUNE, cache).steps == round(FINE_TUNE.steps * both / train) > FINE_TUNE.steps
+    head = Strategy(tap=2, freeze=2)
+    assert refit_schedule(head, cache) == head, "a head fitted to convergence has no schedule to scale"
+
+
+def test_members_that_fit_their_data_worse_than_the_trial_are_retrained_then_refused(tiny, digits16):
+    cache = ActivationCache(tiny, digits16)
+    searched = train_trial(FINE_TUNE, tiny, cache)
+    good = refit(FINE_TUNE, tiny, cache, members=2, reference_train_accuracy=searched.train_accuracy)
+    assert good.model is not None and good.seeds == (0, 1) and good.rejected == ()
+    impossible = refit(FINE_TUNE, tiny, cache, members=2, reference_train_accuracy=1.2)
+    assert impossible.model is None and len(impossible.rejected) == 4, "each member retried once, then refused"
+    assert "seed 3: accuracy on its training data" in impossible.failure
+
+
+def test_a_diverging_refit_ships_the_searched_trial_and_says_so(tmp_path, capsys, monkeypatch):
+    """The refit diverges for real (a learning rate of 1e30 gives a NaN loss): every member and every retry fails
+    its check, and the export falls back to the searched trial's own model, in one line and in metrics.json."""
+    import autotransfer.prior as prior_module
+    import autotransfer.refit as refit_module
+
+    build_prior = prior_module.build_prior
+    monkeypatch.setattr("autotransfer.study.build_prior", lambda *a, **k: dataclasses.replace(
+        build_prior(*a, **k), first_strategies=[dataclasses.replace(FINE_TUNE, steps=20)]))
+    real = refit_module.train_trial
+    monkeypatch.setattr(refit_module, "train_trial", lambda s, *a, **k: real(dataclasses.replace(s, lr=1e30), *a, **k))
+    assert main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "1", "--max-steps", "20",
+                 "--out", str(tmp_path), "--refit", "2"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert metrics["refits"] == 0 and metrics["trained_on"] == "train"
+    assert metrics["refit_fallback"].count("loss became nan") == 4
+    lines = [line for line in out.splitlines() if "refit on train+val rejected" in line]
+    assert len(lines) == 1 and "shipped the searched trial's own model" in lines[0]
+    assert metrics["test_accuracy"] > 0.5, "the searched trial's model, not the diverged one"

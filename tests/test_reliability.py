@@ -34,7 +34,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def _search(out: Path, budget: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "tests.tiny_cli", "search", "digits", "--backbone", TINY, "--image-size", "16",
-            "--budget", str(budget), "--max-epochs", "2", "--out", str(out), "--heartbeat", "1", *extra]
+            "--budget", str(budget), "--max-steps", "20", "--out", str(out), "--heartbeat", "1", *extra]
 
 
 def _env(trial_seconds: float = 0.0) -> dict[str, str]:
@@ -261,7 +261,7 @@ def test_a_broken_trial_stays_alone(tmp_path, tiny, tiny_cache, monkeypatch):
         return (injected[len(calls) - 1] if len(calls) <= len(injected) else real_train)(*args, **kwargs)
 
     monkeypatch.setattr(study_module, "train_trial", train_trial)
-    config = StudyConfig(study_name="t", storage=default_storage(tmp_path), out=tmp_path, budget=5, max_epochs=2)
+    config = StudyConfig(study_name="t", storage=default_storage(tmp_path), out=tmp_path, budget=5, max_steps=20)
     study = run_study(config, tiny, tiny_cache)
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.PRUNED] * 3 + [TrialState.FAIL] * 3 + [TrialState.COMPLETE] * 2

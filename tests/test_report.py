@@ -33,18 +33,18 @@ PLOTS = ["history", "importances", "by_tap", "by_freeze", "by_head", "lr_ratio",
 
 def _add(study, state, value=None, *, tap, freeze, head="linear", lr=0.01, steps=(), attrs=None):
     strategy = Strategy(tap=tap, freeze=freeze, head=head, mlp_hidden=128 if head == "mlp" else 0, lr=lr,
-                        lr_ratio=0.1 if freeze < tap else 1.0)
+                        lr_ratio=0.1 if freeze < tap else 1.0, steps=30 if freeze < tap else 0)
     study.add_trial(create_trial(
         state=state, value=value, params={"tap": tap, "freeze": freeze, "head": head, "lr": lr},
         distributions=DISTRIBUTIONS, intermediate_values=dict(enumerate(steps)),
-        user_attrs={"strategy": strategy.to_dict(), "seconds": 1.5, "epochs_run": len(steps) or 30, **(attrs or {})}))
+        user_attrs={"strategy": strategy.to_dict(), "seconds": 1.5, "steps_run": len(steps) or 30, **(attrs or {})}))
 
 
 def _made_up(storage=None, name="made_up"):
     """A study with every state: complete (one tie), pruned, failed, running and waiting trials."""
     study = optuna.create_study(direction="maximize", study_name=name, storage=storage)
     _add(study, TrialState.COMPLETE, 0.80, tap=3, freeze=3)  # 0
-    _add(study, TrialState.PRUNED, tap=2, freeze=0, steps=(0.3, 0.4), attrs={"epochs_run": 2})  # 1
+    _add(study, TrialState.PRUNED, tap=2, freeze=0, steps=(0.3, 0.4), attrs={"steps_run": 2})  # 1
     _add(study, TrialState.COMPLETE, 0.90, tap=2, freeze=1, head="mlp", lr=0.05)  # 2
     _add(study, TrialState.FAIL, tap=1, freeze=0, attrs={"fail_reason": "RuntimeError: CUDA out of memory"})  # 3
     _add(study, TrialState.COMPLETE, 0.80, tap=2, freeze=2, head="svm", lr=0.002)  # 4: ties with trial 0
@@ -63,12 +63,12 @@ def test_leaderboard_columns_order_and_every_state(made_up):
     board = leaderboard(made_up)
     assert list(board.columns) == COLUMNS
     assert COLUMNS[:4] == ["rank", "trial", "state", "val_accuracy"] and COLUMNS[-4:] == [
-        "epochs_run", "pruned_at", "seconds", "note"] and COLUMNS[4:-4] == STRATEGY_COLUMNS
+        "steps_run", "pruned_at", "seconds", "note"] and COLUMNS[4:-4] == STRATEGY_COLUMNS
     assert list(board.trial) == [2, 0, 4, 1, 3, 5], "complete by accuracy (tie: earlier trial), then the rest"
     assert list(board.state) == ["complete"] * 3 + ["pruned", "fail", "running"]
     assert list(board["rank"].iloc[:3]) == [1, 2, 3] and board["rank"].iloc[3:].isna().all()
     pruned = board.set_index("trial").loc[1]
-    assert pruned.val_accuracy == 0.4 and pruned.pruned_at == 2 and pruned.epochs_run == 2
+    assert pruned.val_accuracy == 0.4 and pruned.pruned_at == 2 and pruned.steps_run == 2
     assert board.pruned_at.isna().sum() == 5, "only the pruned trial has a pruned_at"
     failed = board.set_index("trial").loc[3]
     assert math.isnan(failed.val_accuracy) and failed.note == "RuntimeError: CUDA out of memory"
@@ -127,7 +127,7 @@ def searched(tmp_path_factory):
     """A real `autotransfer search` with the tiny backbone: 4 trials in a few seconds."""
     out = tmp_path_factory.mktemp("search") / "run"
     assert main(["search", "digits", "--backbone", TINY, "--image-size", "16", "--budget", "4",
-                 "--max-epochs", "2", "--out", str(out)]) == 0
+                 "--max-steps", "20", "--out", str(out)]) == 0
     return out
 
 
@@ -267,8 +267,9 @@ def test_optuna_cli_reads_our_study_with_readable_names(searched):
     study = _open(searched)
     assert [t["number"] for t in trials] == [t.number for t in study.trials]
     first = trials[0]
-    assert {"tap", "trainable_groups", "head", "pool", "optimizer"} <= set(first["params"])
-    assert f"lr_{first['params']['optimizer']}" in first["params"], "the LR is named per optimizer"
+    assert {"tap", "trainable_groups", "head", "pool", "probe_l2"} <= set(first["params"]), "trial 0: a head-only fit"
+    tuned = next(t for t in trials if "optimizer" in t["params"])
+    assert f"ft_lr_{tuned['params']['optimizer']}" in tuned["params"], "the LR is named per optimizer"
     assert first["user_attrs"]["strategy"]["tap"] == first["params"]["tap"] and "seconds" in first["user_attrs"]
     assert first["state"] == "COMPLETE" and first["value"] == study.trials[0].value
     best = _optuna_cli("best-trial", "--study-name", "digits", "--storage", storage, "-f", "json")

@@ -6,7 +6,7 @@ import pytest
 from autotransfer.errors import ConfigError
 from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
 
-SPACE = SearchSpace(num_groups=9, max_epochs=6)
+SPACE = SearchSpace(num_groups=9, max_steps=120)
 
 
 def _sample(n=300, seed=0):
@@ -28,26 +28,33 @@ def test_space_is_conditional_and_covers_the_textbook_ranges():
     for s, params in samples:
         assert ("mlp_hidden" in params) == (s.head == "mlp")
         assert ("lr_ratio" in params) == s.trains_backbone
-        assert ("probe_epochs" in params) == s.trains_backbone
-        lr_name = f"{'ft_' if s.trains_backbone else ''}lr_{s.optimizer}"
-        assert [k for k in params if "lr_" in k and k != "lr_ratio"] == [lr_name]
+        assert ("augment" in params) == s.trains_backbone and ("flip" in params) == (s.augment != "none")
+        assert ("probe_l2" in params) == (not s.trains_backbone), "a head-only fit has only its L2 strength"
+        lr_names = [k for k in params if "lr_" in k and k != "lr_ratio"]
+        assert lr_names == ([f"ft_lr_{s.optimizer}"] if s.trains_backbone else [])
         assert ("label_smoothing" in params) == (s.head != "svm")
         if not s.trains_backbone:
-            assert s.lr_ratio == 1.0 and s.l2sp_alpha == 0.0
+            assert s.lr_ratio == 1.0 and s.l2sp_alpha == 0.0 and s.steps == 0 and s.augment == "none"
+        else:
+            assert s.steps == SPACE.max_steps, "every fine-tune runs the ladder's full schedule (the pruner cuts it)"
     ratios = [s.lr_ratio for s, _ in samples if s.trains_backbone]
     assert min(ratios) < 0.02 and max(ratios) > 0.5, "10x and 100x smaller must be inside the range"
     assert {s.head for s, _ in samples} == {"linear", "svm", "mlp"}
     assert {s.optimizer for s, _ in samples} == {"sgd", "adamw"}
     assert {s.bn for s, _ in samples if s.trains_backbone} == {"train", "frozen"}
-    assert any(s.l2sp_alpha > 0 for s, _ in samples) and any(s.probe_epochs for s, _ in samples)
+    assert any(s.l2sp_alpha > 0 for s, _ in samples)
+    assert {s.augment for s, _ in samples if s.trains_backbone} == {"none", "shift", "crop", "trivial"}
+    assert {s.flip for s, _ in samples if s.augment != "none"} == {True, False}
+    assert not any(s.flip for s, _ in samples if s.augment == "none"), "flips only as a choice on top of augmenting"
 
 
 @pytest.mark.parametrize("strategy", [
-    Strategy(tap=9, freeze=9, pool="avg", lr=0.05),
-    Strategy(tap=6, freeze=4, pool="avgmax", lr=0.005, lr_ratio=0.3, probe_epochs=15, epochs=4, seed=3),
+    Strategy(tap=9, freeze=9, pool="avg", weight_decay=0.05),
+    Strategy(tap=6, freeze=4, pool="avgmax", lr=0.005, lr_ratio=0.3, steps=120, seed=3),
     Strategy(tap=4, freeze=1, head="mlp", mlp_hidden=256, dropout=0.3, lr=0.001, lr_ratio=0.01, optimizer="adamw",
-             l2sp_alpha=0.01, bn="train", probe_epochs=15, epochs=3, label_smoothing=0.1),
-    Strategy(tap=2, freeze=2, head="svm", lr=0.1),
+             l2sp_alpha=0.01, bn="train", steps=120, label_smoothing=0.1, augment="trivial", flip=True),
+    Strategy(tap=5, freeze=0, lr=0.01, lr_ratio=0.1, augment="shift", steps=120),
+    Strategy(tap=2, freeze=2, head="svm", weight_decay=0.3),
 ])
 def test_enqueue_params_reproduce_the_strategy(strategy):
     trial = optuna.trial.FixedTrial(enqueue_params(strategy))
@@ -55,13 +62,14 @@ def test_enqueue_params_reproduce_the_strategy(strategy):
 
 
 def SpaceWithSeed(seed):  # noqa: N802 - reads like a constructor
-    return SearchSpace(num_groups=9, max_epochs=6, seed=seed)
+    return SearchSpace(num_groups=9, max_steps=120, seed=seed)
 
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(tap=3, freeze=4), "freeze"), (dict(tap=0, freeze=0), "tap"), (dict(tap=2, freeze=2, head="knn"), "head"),
     (dict(tap=2, freeze=1, lr_ratio=2.0), "lr_ratio"), (dict(tap=2, freeze=2, head="mlp"), "mlp_hidden"),
-    (dict(tap=2, freeze=2, lr=math.nan), "lr"), (dict(tap=2, freeze=1, epochs=0), "epochs"),
+    (dict(tap=2, freeze=2, lr=math.nan), "lr"), (dict(tap=2, freeze=1, steps=0), "steps"),
+    (dict(tap=2, freeze=1, steps=10, augment="mixup"), "augment"),
 ])
 def test_invalid_strategies_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -69,7 +77,7 @@ def test_invalid_strategies_name_the_field(kwargs, field):
 
 
 def test_strategy_round_trips_through_a_dict():
-    s = Strategy(tap=3, freeze=1, head="mlp", mlp_hidden=128, lr_ratio=0.1, epochs=4)
+    s = Strategy(tap=3, freeze=1, head="mlp", mlp_hidden=128, lr_ratio=0.1, steps=40, augment="crop")
     assert Strategy.from_dict({**s.to_dict(), "unknown_key": 1}) == s
 
 
@@ -83,4 +91,4 @@ def test_a_narrowed_space_keeps_taps_and_fine_tuning_depth_inside_its_bounds():
         study.tell(trial, 0.0)
     assert {s.tap for s in strategies} == {4, 5, 6, 7}
     assert {s.tap - s.freeze for s in strategies} == {0, 1, 2}
-    assert all(s.epochs <= space.max_epochs for s in strategies if s.trains_backbone)
+    assert all(s.steps == space.max_steps for s in strategies if s.trains_backbone)

@@ -14,18 +14,20 @@ from autotransfer.study import StudyConfig, best_trial, default_storage, finishe
 
 def _config(tmp_path, budget, **kw):
     return StudyConfig(study_name="t", storage=default_storage(tmp_path), out=tmp_path, budget=budget,
-                       max_epochs=2, **kw)
+                       max_steps=20, **kw)
 
 
 def test_study_runs_exactly_the_budget_then_resumes(tmp_path, tiny, tiny_cache):
     study = run_study(_config(tmp_path, 5), tiny, tiny_cache)
     assert finished_trials(study) == 5
-    prior = build_prior(tiny_cache, max_epochs=2)
+    prior = build_prior(tiny_cache, max_steps=20)
     first = [Strategy.from_dict(t.user_attrs["strategy"]) for t in study.trials[:len(prior.first_strategies)]]
     assert first == prior.first_strategies[:5], "the prior's strategies are the first trials"
     for t in study.trials:
         fine_tune = Strategy.from_dict(t.user_attrs["strategy"]).trains_backbone
-        assert bool(t.intermediate_values) == fine_tune, "only fine-tuning trials report per-epoch accuracy"
+        assert bool(t.intermediate_values) == fine_tune, "only fine-tuning trials report at the rungs"
+        if fine_tune:
+            assert list(t.intermediate_values) in ([2, 7, 20], [2]), "the ladder of 20 steps: rungs 2, 7, then 20"
 
     again = run_study(_config(tmp_path, 5), tiny, tiny_cache)
     assert len(again.trials) == 5, "a finished study runs nothing more"
@@ -81,16 +83,17 @@ def test_leaderboard_is_sorted_and_ranks_only_complete_trials(tmp_path, tiny, ti
     assert board.iloc[0].trial == best_trial(study).number
 
 
-def test_a_hopeless_fine_tuning_trial_stops_after_half_an_epoch(tmp_path, tiny, tiny_cache, monkeypatch):
+def test_a_hopeless_fine_tuning_trial_stops_at_the_first_rung(tmp_path, tiny, tiny_cache, monkeypatch):
     from autotransfer import study as study_module
 
-    good = Strategy(tap=3, freeze=2, lr=0.05, epochs=3, probe_epochs=1)
-    hopeless = Strategy(tap=3, freeze=2, lr=0.1, epochs=3, probe_epochs=1, weight_decay=5.0)  # weights shrink to 0
-    prior = build_prior(tiny_cache, max_epochs=3)
+    good = Strategy(tap=3, freeze=2, lr=0.005, steps=20)
+    hopeless = Strategy(tap=3, freeze=2, lr=0.1, steps=20, weight_decay=5.0, optimizer="adamw")  # weights shrink
+    prior = build_prior(tiny_cache, max_steps=20)
     monkeypatch.setattr(study_module, "build_prior",
                         lambda *a, **k: dataclasses.replace(prior, first_strategies=[good, hopeless]))
     study = run_study(_config(tmp_path, 2), tiny, tiny_cache)
     first, second = study.trials
-    assert first.state == optuna.trial.TrialState.COMPLETE and list(first.intermediate_values) == [1, 2, 3, 4, 5, 6]
-    assert second.state == optuna.trial.TrialState.PRUNED and list(second.intermediate_values) == [1]
-    assert second.user_attrs["epochs_run"] == 0.5 and second.intermediate_values[1] < first.intermediate_values[1]
+    assert first.state == optuna.trial.TrialState.COMPLETE and list(first.intermediate_values) == [2, 7, 20]
+    assert second.state == optuna.trial.TrialState.PRUNED and list(second.intermediate_values) == [2]
+    assert second.user_attrs["steps_run"] == 2 and second.intermediate_values[2] < first.intermediate_values[2]
+    assert 0 < first.user_attrs["train_accuracy"] <= 1, "kept for the refit's check"

@@ -55,9 +55,19 @@ def add_refit_argument(parser: argparse.ArgumentParser) -> None:
                                           f"searched, trained on train only (default: {DEFAULT_REFITS})")
 
 
+def add_max_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """`--max-steps N`: a fine-tune's optimizer steps, instead of the data-derived ladder (see `fidelity.py`)."""
+    parser.add_argument("--max-steps", type=int_at_least("--max-steps", 300), default=None, metavar="N",
+                        help="optimizer steps of a fine-tuning trial (default: from the training set size: at "
+                             "least 300 steps of 32 images and 3 epochs, at most 50 epochs)")
+
+
 def describe_training(metrics: dict) -> str:
     """How an exported model was trained, for the summary line."""
     refits = metrics.get("refits", 0)
+    if metrics.get("refit_fallback"):
+        return (f"\nrefit on train+val rejected ({metrics['refit_fallback']}); shipped the searched trial's own "
+                "model, trained on train")
     if refits:
         return f"  ({refits} refit{'s' if refits > 1 else ''} on train+val)"
     return "  (retrained from its strategy)" if metrics.get("retrained") else ""
@@ -87,11 +97,16 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare(args: argparse.Namespace):
-    """Load data and backbone, make the output folder, open the activation cache persisted in it."""
+    """Load data and backbone, make the output folder, open the activation cache persisted in it.
+
+    Without `--image-size`, small images are also tried upscaled and the size whose features probe best is
+    used (see `autotransfer.resolution`); the choice is kept in the output folder.
+    """
     from autotransfer.backbones import get_backbone
     from autotransfer.data import load_data
     from autotransfer.device import configure_threads, pick_device
     from autotransfer.features import ActivationCache
+    from autotransfer.resolution import choose_resolution
 
     pick_device(args.device)  # fail early on --device cuda without a GPU
     configure_threads()
@@ -107,6 +122,11 @@ def prepare(args: argparse.Namespace):
     except OSError as e:
         raise ConfigError(f"Output folder {str(out)!r} is not writable ({e.strerror}); pass --out with a "
                           "folder you can write to.") from None
+    if args.image_size is None:
+        data, resolution = choose_resolution(data, lambda size: load_data(args.data, image_size=size, seed=args.seed),
+                                             backbone, record=out / "resolution.json")
+        if resolution.probe_accuracy:
+            print(resolution.describe(), flush=True)
     return backbone, ActivationCache(backbone, data, folder=out / "cache", memory_limit=args.cache_memory), out, created
 
 

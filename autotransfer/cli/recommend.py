@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autotransfer.cli.common import Command, add_data_arguments, int_at_least, prepare
-from autotransfer.defaults import DEFAULT_MAX_EPOCHS
+from autotransfer.cli.common import Command, add_data_arguments, add_max_steps_argument, prepare
 
 
 class Recommend(Command):
@@ -22,9 +21,7 @@ class Recommend(Command):
         parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<data name>)")
         parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
-        parser.add_argument("--max-epochs", type=int_at_least("--max-epochs", DEFAULT_MAX_EPOCHS),
-                            default=DEFAULT_MAX_EPOCHS,
-                            help=f"epochs of the recommended fine-tuning strategies (default: {DEFAULT_MAX_EPOCHS})")
+        add_max_steps_argument(parser)
         add_data_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
@@ -34,7 +31,7 @@ class Recommend(Command):
 
         backbone, cache, _, _ = prepare(args)
         data = cache.data
-        prior = build_prior(cache, max_epochs=args.max_epochs, seed=args.seed)
+        prior = build_prior(cache, max_steps=args.max_steps, seed=args.seed)
         table = pd.DataFrame([vars(s) for s in prior.scores]).rename(columns={"probe_accuracy": "probe_val_acc"})
         print(f"{data.name}: {len(data.labels)} images, {prior.num_classes} classes, {prior.images_per_class:.0f} "
               f"training images per class; backbone {backbone.name}")
@@ -44,7 +41,7 @@ class Recommend(Command):
         print(f"recommended: {prior.recommended.describe(backbone.group_names)}\nwhy: {prior.reason}")
         low, high = prior.space.tap_range
         print(f"search space: taps {backbone.group_names[low - 1]}..{backbone.group_names[high - 1]}, "
-              f"fine-tune at most {prior.space.trainable_range} group(s) under the tap")
+              f"fine-tunes run {prior.space.max_steps} optimizer steps")
         print("the search tries first:")
         for i, s in enumerate(prior.first_strategies):
             print(f"  {i}. {s.describe(backbone.group_names)}")

@@ -12,13 +12,14 @@ from autotransfer.cli.common import (
     EXIT_INTERRUPTED,
     Command,
     add_data_arguments,
+    add_max_steps_argument,
     add_refit_argument,
     describe_training,
     int_at_least,
     prepare,
     print_variants,
 )
-from autotransfer.defaults import DEFAULT_MAX_EPOCHS, DEFAULT_REFITS
+from autotransfer.defaults import DEFAULT_REFITS
 from autotransfer.errors import AutotransferError
 from autotransfer.precision import add_precision_argument, parse_precisions
 
@@ -42,9 +43,7 @@ class Search(Command):
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<study-name>)")
         parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
         parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
-        parser.add_argument("--max-epochs", type=int_at_least("--max-epochs", DEFAULT_MAX_EPOCHS),
-                            default=DEFAULT_MAX_EPOCHS,
-                            help=f"most epochs of a fine-tuning trial (default: {DEFAULT_MAX_EPOCHS})")
+        add_max_steps_argument(parser)
         parser.add_argument("--workers", type=int_at_least("--workers", 2), default=1,
                             help="worker processes on this machine, sharing the CPU threads (default: 1)")
         parser.add_argument("--heartbeat", type=int_at_least("--heartbeat", 10), default=None,
@@ -63,7 +62,7 @@ class Search(Command):
         backbone, cache, out, created = prepare(args)
         name = args.study_name or cache.data.name
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
-                             budget=args.budget, seed=args.seed, max_epochs=args.max_epochs, timeout=args.timeout,
+                             budget=args.budget, seed=args.seed, max_steps=args.max_steps, timeout=args.timeout,
                              device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
@@ -97,6 +96,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     from tqdm.auto import tqdm
 
     from autotransfer.device import threads_per_worker
+    from autotransfer.fidelity import BATCH_SIZE, StepLadder
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, to_markdown, write_leaderboard
     from autotransfer.studies import record_source
@@ -120,14 +120,15 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
           f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
     print(f"study {config.study_name!r} in {config.storage}")
     space = search_space(study, config, cache)
+    ladder = StepLadder(space.max_steps)
     cache.boundary(1)  # load (or compute and persist) now: the line below reports it, and workers load it
     prior = study.user_attrs.get("prior", {})
     low, high = space.tap_range
     print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
           f" ({cache.nbytes / 2**20:.0f} MiB{f', forward pass {cache.seconds:.1f}s' if cache.seconds else ''})")
     names = backbone.group_names
-    print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}, fine-tune at most "
-          f"{space.trainable_range} group(s) under the tap")
+    print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}; fine-tunes run "
+          f"{space.max_steps} steps of {BATCH_SIZE} images, pruned at steps {', '.join(map(str, ladder.rungs[:-1]))}")
     bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
                dynamic_ncols=True, file=sys.stdout, disable=True if workers > 1 else None)  # None: only on a tty
 
@@ -163,7 +164,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     result = finish_study(study, config, backbone, cache, precision=precision, refits=refits)
     board = leaderboard(study)
     cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
-            "lr_ratio", "epochs_run", "seconds"]
+            "lr_ratio", "augment", "steps_run", "seconds"]
     print("\nTop 10 strategies:")
     print(to_markdown(board[cols].head(10)))
     m = result.metrics

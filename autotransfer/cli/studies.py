@@ -52,7 +52,7 @@ class Report(Command):
             print(f"best: trial {best['trial']}  val {best['val_accuracy']:.4f}  {best['description']}"
                   + (f"  test {best['test']['test_accuracy']:.4f}" if best["test"] else ""))
             cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "head", "lr", "lr_ratio",
-                    "epochs_run", "pruned_at", "seconds"]
+                    "steps_run", "pruned_at", "seconds"]
             print(to_markdown(board[cols].head(args.top)))
         for plot in report.plots:
             if plot.path is None:
