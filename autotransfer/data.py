@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from autotransfer.errors import DataError
-from autotransfer.images import to_rgb_square
+from autotransfer.images import open_image, to_rgb_square
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,8 @@ def _decode(item: str | Image.Image, size: int) -> np.ndarray | None:
     if isinstance(item, Image.Image):
         return to_rgb_square(item, size)
     try:
-        with Image.open(item) as img:
-            return to_rgb_square(img, size)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return open_image(item, size)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         logger.warning("Skipping unreadable image %s (%s)", item, type(e).__name__)
         return None
 
