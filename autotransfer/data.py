@@ -126,14 +126,19 @@ def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
-            raise DataError(
-                f"CSV {str(path)!r} must have a header with columns 'path' and 'label', got "
-                f"{reader.fieldnames}; write one row per image as `path,label`."
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise stick to "path"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
+                raise DataError(
+                    f"CSV {str(path)!r} must have a header with columns 'path' and 'label', got "
+                    f"{reader.fieldnames}; write one row per image as `path,label`."
+                )
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError as e:
+        raise DataError(f"CSV {str(path)!r} is not UTF-8 text (byte {e.start} cannot be decoded); save it as "
+                        "UTF-8 (in Excel: 'CSV UTF-8').") from None
     items, labels = [], []
     for i, row in enumerate(rows, start=2):
         p = Path(row["path"])

@@ -282,6 +282,26 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_with_the_same_picture(tmp_path
     assert np.abs(pixels.astype(int) - full).mean() < 3  # the same picture, not a cropped or shifted one
 
 
+# --- CSV --------------------------------------------------------------------------------------------
+
+def test_a_csv_with_a_utf8_byte_order_mark_and_crlf_is_read(tmp_path):
+    rows = ["path,label"]
+    for i in range(6):
+        Image.new("RGB", (16, 16), RED if i % 2 else BLUE).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{'red' if i % 2 else 'blue'}")
+    (tmp_path / "excel.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode("utf-8-sig"))  # Excel's CSV UTF-8
+    data = load_data(str(tmp_path / "excel.csv"), image_size=16)
+    assert data.classes == ("blue", "red")
+    colours = data.images[:, :, 0, 0].numpy()
+    assert [tuple(c) for c in colours] == [BLUE if i % 2 == 0 else RED for i in range(6)]
+
+
+def test_a_csv_that_is_not_utf8_is_a_clear_error(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("path,label\nx.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        load_data(str(tmp_path / "latin1.csv"), image_size=16)
+
+
 def test_images_module_does_not_import_torch():
     code = "import sys, autotransfer.images; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
