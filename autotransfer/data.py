@@ -19,7 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from autotransfer.errors import DataError
-from autotransfer.images import to_rgb_square
+from autotransfer.images import open_image, to_rgb_square
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,8 @@ def _decode(item: str | Image.Image, size: int) -> np.ndarray | None:
     if isinstance(item, Image.Image):
         return to_rgb_square(item, size)
     try:
-        with Image.open(item) as img:
-            return to_rgb_square(img, size)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return open_image(item, size)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         logger.warning("Skipping unreadable image %s (%s)", item, type(e).__name__)
         return None
 
@@ -127,14 +126,19 @@ def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[str]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
-            raise DataError(
-                f"CSV {str(path)!r} must have a header with columns 'path' and 'label', got "
-                f"{reader.fieldnames}; write one row per image as `path,label`."
-            )
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise stick to "path"
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
+                raise DataError(
+                    f"CSV {str(path)!r} must have a header with columns 'path' and 'label', got "
+                    f"{reader.fieldnames}; write one row per image as `path,label`."
+                )
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError as e:
+        raise DataError(f"CSV {str(path)!r} is not UTF-8 text (byte {e.start} cannot be decoded); save it as "
+                        "UTF-8 (in Excel: 'CSV UTF-8').") from None
     items, labels = [], []
     for i, row in enumerate(rows, start=2):
         p = Path(row["path"])

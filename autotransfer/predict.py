@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from autotransfer.errors import DataError, ExportError
-from autotransfer.images import to_rgb_square
+from autotransfer.images import open_image
 from autotransfer.runtime import open_session, read_metadata
 
 REQUIRED_METADATA = ("class_names", "input_size", "mean", "std")
@@ -26,11 +26,10 @@ def load_images(paths: Sequence[str | Path], size: int, mean: Sequence[float], s
     arrays = []
     for p in paths:
         try:
-            with Image.open(p) as img:
-                arrays.append(to_rgb_square(img, size))
+            arrays.append(open_image(p, size))
         except (FileNotFoundError, IsADirectoryError):
             raise DataError(f"Image {str(p)!r} does not exist; pass existing image files.") from None
-        except (UnidentifiedImageError, OSError, ValueError):
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             raise DataError(f"Image {str(p)!r} cannot be decoded; pass PNG/JPEG/BMP/TIFF/WebP files.") from None
     x = np.stack(arrays).astype(np.float32).transpose(0, 3, 1, 2) / 255.0
     return (x - np.asarray(mean, np.float32).reshape(1, 3, 1, 1)) / np.asarray(std, np.float32).reshape(1, 3, 1, 1)
