@@ -96,7 +96,7 @@ def _median_short_side(paths: Sequence[str], sample: int = 64) -> int:
         try:
             with Image.open(p) as img:
                 sides.append(min(img.size))
-        except (UnidentifiedImageError, OSError):
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
             continue
     return int(np.median(sides)) if sides else 224
 

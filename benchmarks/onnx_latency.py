@@ -67,7 +67,7 @@ def torch_model_for(model_path: Path):
         name = json.loads((model_path.parent / "metrics.json").read_text())["data"]
         backbone = get_backbone(meta["backbone"])
         data = load_data(name, image_size=meta["input_size"][-1], seed=strategy.seed)
-        return refit(strategy, backbone, ActivationCache(backbone, data), members=meta["refits"]).eval(), meta
+        return refit(strategy, backbone, ActivationCache(backbone, data), members=meta["refits"]).model.eval(), meta
     number = meta["optuna_trial_number"]
     checkpoint = model_path.resolve().parent.parent / "checkpoints" / f"trial_{number}.pt"
     if not checkpoint.is_file():
@@ -82,7 +82,7 @@ def torch_model_for(model_path: Path):
 def quick_model(folder: Path) -> tuple[Path, torch.nn.Module]:
     """Bundled Lite0, frozen, with a linear head fitted on digits at 64 px (a minute or two on 2 cores)."""
     data, backbone = load_data("digits", seed=0), get_backbone("efficientnet_lite0")
-    strategy = Strategy(tap=backbone.num_groups, freeze=backbone.num_groups, epochs=10)
+    strategy = Strategy(tap=backbone.num_groups, freeze=backbone.num_groups)
     model = train_trial(strategy, backbone, ActivationCache(backbone, data)).model.eval()
     meta = {"class_names": list(data.classes), "input_size": [3, 64, 64], "mean": list(backbone.mean),
             "std": list(backbone.std), "backbone": backbone.name, "data": "digits"}

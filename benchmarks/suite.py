@@ -78,10 +78,10 @@ def settings(column: str, args: argparse.Namespace, data: str) -> dict:
     """What a cell's result depends on besides its data and column; a stored cell counts only if they match."""
     version = suite_data.SPECS[data].version
     if column == "search":
-        return dict(data_version=version, seed=args.seed, budget=args.budget, max_epochs=args.max_epochs,
+        return dict(data_version=version, seed=args.seed, budget=args.budget, max_steps=args.max_steps,
                     refit=args.refit, timeout=args.search_timeout, image_size=args.image_size)
     if column == "recipes":
-        return dict(data_version=version, seed=args.seed, max_epochs=args.max_epochs)
+        return dict(data_version=version, seed=args.seed, max_steps=args.max_steps)
     if column == "hand":
         return dict(data_version=version, seed=args.seed, epochs=args.hand_epochs)
     return dict(data_version=version, seed=args.seed, epochs=list(args.fastai_epochs))
@@ -92,7 +92,7 @@ def command(column: str, data_dir: Path, out: Path, args: argparse.Namespace) ->
     if column == "search":
         cmd = [py, "-m", "autotransfer", "search", str(data_dir), "--budget", str(args.budget), "--out", str(out),
                "--seed", str(args.seed)]
-        for flag, value in (("--max-epochs", args.max_epochs), ("--refit", args.refit),
+        for flag, value in (("--max-steps", args.max_steps), ("--refit", args.refit),
                             ("--timeout", args.search_timeout), ("--image-size", args.image_size)):
             if value is not None:
                 cmd += [flag, str(value)]
@@ -100,7 +100,7 @@ def command(column: str, data_dir: Path, out: Path, args: argparse.Namespace) ->
     if column == "recipes":
         cmd = [py, str(HERE / "recipes.py"), "--data", str(data_dir), "--recipes-only", "--json", str(out),
                "--seed", str(args.seed)]
-        return cmd + (["--max-epochs", str(args.max_epochs)] if args.max_epochs is not None else [])
+        return cmd + (["--max-steps", str(args.max_steps)] if args.max_steps is not None else [])
     cmd = [py, str(HERE / "peers.py"), column, str(data_dir), "--seed", str(args.seed), "--json", str(out)]
     if column == "hand":
         cmd += ["--epochs", str(args.hand_epochs)]
@@ -432,8 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                       "settings flags; run nothing")
     search = parser.add_argument_group("search column (passed to `autotransfer search`)")
     search.add_argument("--budget", type=_positive(int), default=50, help="finished trials (default: 50)")
-    search.add_argument("--max-epochs", type=_positive(int), default=None,
-                        help="most fine-tuning epochs of a trial; also passed to recipes.py (default: the product's)")
+    search.add_argument("--max-steps", type=_positive(int), default=None,
+                        help="optimizer steps of a fine-tuning trial; also passed to recipes.py (default: the "
+                             "product's ladder from the data size)")
     search.add_argument("--refit", type=int, choices=range(0, 100), metavar="N", default=None,
                         help="refits of the export, 0 = the trial as searched (default: the product's)")
     search.add_argument("--search-timeout", type=_positive(float), default=None,

@@ -178,13 +178,15 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_warning(tmp_path, caplog
 @pytest.mark.parametrize("argv, hint", [(["search", "--budget", "0"], "e.g. --budget 50"),
                                         (["search", "--budget", "-3"], "e.g. --budget 50"),
                                         (["search", "--budget", "ten"], "whole number, got 'ten'"),
-                                        (["search", "--workers", "0"], "e.g. --workers 2")])
+                                        (["search", "--workers", "0"], "e.g. --workers 2"),
+                                        (["search", "--max-steps", "0"], "e.g. --max-steps 300"),
+                                        (["recommend", "--max-steps", "x"], "whole number, got 'x'")])
 def test_bad_budget_is_rejected_by_the_parser(argv, hint, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and argv[1] in err and hint in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) == 1 and "see `autotransfer search --help`" in err
+    assert len(err.strip().splitlines()) == 1 and f"see `autotransfer {argv[0]} --help`" in err
 
 
 def test_truncated_model_is_a_clear_error(tmp_path, capsys):
@@ -201,3 +203,27 @@ def test_listing_commands(capsys):
     assert "efficientnet_lite0" in listing and "9 groups" in listing and "resnet50" in listing
     assert main(["datasets"]) == 0
     assert "digits" in capsys.readouterr().out
+
+
+def test_small_images_are_tried_upscaled_and_the_choice_is_kept(tmp_path, capsys, monkeypatch):
+    """Without --image-size, 16 px images (loaded at 32 px) are also probed at 64 and 96; the best probe's size is used
+    (the smallest within a point), recorded in the output folder and not measured again on the next run."""
+    import autotransfer.resolution as resolution
+
+    assert resolution.candidate_sizes(16) == (16, 32, 48) and resolution.candidate_sizes(64) == (64,)
+    folder = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (folder / str(c)).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 80, (16, 16, 3)) + 150 * c  # class 1 is brighter
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / str(c) / f"{i}.png")
+    args = ["recommend", str(folder), "--backbone", TINY, "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("input size"))
+    record = json.loads((tmp_path / "run" / "resolution.json").read_text())
+    assert set(record["probe_accuracy"]) == {"32", "64", "96"} and f"input size {record['chosen']}px" in line
+    top = max(record["probe_accuracy"].values())
+    assert record["chosen"] == min(int(s) for s, a in record["probe_accuracy"].items() if a >= top - 0.01)
+    monkeypatch.setattr(resolution, "best_probe", lambda cache: pytest.fail("measured again"))
+    assert main(args) == 0

@@ -70,3 +70,21 @@ def test_predict_cli_on_exported_model(search_run, tmp_path):
     rows = pd.read_csv(__import__("io").StringIO(proc.stdout))
     hits = (rows["class"].astype(str).values == y).mean()
     assert hits >= 0.9
+
+
+def test_a_converged_probe_on_lite0_scores_the_same_whatever_its_seed():
+    """Head-only trials rank strategies, not SGD noise: 3 seeds of one strategy within one validation image."""
+    import dataclasses
+
+    from autotransfer.backbones import get_backbone
+    from autotransfer.features import ActivationCache
+    from autotransfer.strategy import Strategy
+    from autotransfer.trainer import train_trial
+
+    data = load_data("digits")
+    backbone = get_backbone("efficientnet_lite0")
+    cache = ActivationCache(backbone, data)
+    for strategy in (Strategy(tap=6, freeze=6, pool="avgmax"), Strategy(tap=9, freeze=9, head="svm", weight_decay=0.1)):
+        scores = [train_trial(dataclasses.replace(strategy, seed=s), backbone, cache).val_accuracy for s in (0, 1, 2)]
+        assert max(scores) - min(scores) <= 1 / len(data.split["val"]), scores
+        assert min(scores) > 0.9
