@@ -1,4 +1,5 @@
-"""Study -> tidy leaderboard (a pure function), and the writers that put it on disk.
+"""Study -> tidy leaderboard (a pure function), the writers that put it on disk, and `trial_line`, the
+one-line summary of a trial that `search` and its workers print as trials finish.
 
 Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
 number), `state` (complete, pruned, fail, running), `val_accuracy` (the objective value; for pruned and
@@ -32,6 +33,20 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
             **t.user_attrs.get("strategy", {}), "epochs_run": epochs,
             "pruned_at": epochs if t.state == optuna.trial.TrialState.PRUNED else None,
             "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""}
+
+
+def trial_line(trial: optuna.trial.FrozenTrial, backbone, best: optuna.trial.FrozenTrial | None = None) -> str:
+    """One line per finished trial: number, state, accuracy (and the best so far), seconds, strategy, why it failed.
+
+    `backbone` names the groups in the strategy's description (anything with `group_names`).
+    """
+    described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
+        if "strategy" in trial.user_attrs else ""
+    value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
+    best_text = f" (best {best.value:.4f})" if best is not None else ""
+    reason = trial.user_attrs.get("fail_reason")
+    return (f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}{best_text}  "
+            f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
 
 
 def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.DataFrame:

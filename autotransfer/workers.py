@@ -23,6 +23,7 @@ from autotransfer.data import ImageData
 from autotransfer.device import configure_threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import DEFAULT_MEMORY_LIMIT
+from autotransfer.report import trial_line
 from autotransfer.study import StudyConfig
 
 EXIT_INTERRUPTED = 130
@@ -65,7 +66,6 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
 
     import optuna
 
-    from autotransfer.cli.search import trial_line
     from autotransfer.features import ActivationCache
     from autotransfer.study import open_study, run_study
 
