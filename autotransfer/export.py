@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import torch
 
+from autotransfer.atomic import replacing_file
 from autotransfer.errors import ExportError
 from autotransfer.runtime import cpu_session, read_metadata  # noqa: F401 - re-exported
 
@@ -39,10 +40,8 @@ def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata
     onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
     proto.doc_string = "autotransfer model: input float32 [batch,3,H,W] normalised RGB; output logits."
     onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save_model(proto, str(tmp))
-    tmp.replace(path)
+    with replacing_file(path) as tmp:
+        onnx.save_model(proto, str(tmp))
     return path
 
 

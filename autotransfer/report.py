@@ -10,11 +10,13 @@ empty otherwise), `seconds`, `note` (why it failed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pandas as pd
 
+from autotransfer.atomic import replacing_file
 from autotransfer.strategy import Strategy
 
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
@@ -92,29 +94,24 @@ def to_html(df: pd.DataFrame) -> str:
                               escape=True)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+def _write_files(out: Path, writers: dict[str, Callable[[Path], object]]) -> list[Path]:
+    """Each `writers[name](path)` writes a temporary file that then replaces `out/name` (`replacing_file`)."""
+    for name, write in writers.items():
+        with replacing_file(out / name) as tmp:
+            write(tmp)
+    return [out / name for name in writers]
 
 
 def write_leaderboard(df: pd.DataFrame, out: Path) -> list[Path]:
     """leaderboard.csv and leaderboard.md in `out`; written to temporary files first, then renamed."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "leaderboard.csv", out / "leaderboard.md"]
-    _atomic_write(paths[0], lambda p: df.to_csv(p, index=False))
-    _atomic_write(paths[1], lambda p: p.write_text(to_markdown(df) + "\n"))
-    return paths
+    return _write_files(out, {"leaderboard.csv": lambda p: df.to_csv(p, index=False),
+                              "leaderboard.md": lambda p: p.write_text(to_markdown(df) + "\n")})
 
 
 def write_tables(df: pd.DataFrame, out: Path) -> list[Path]:
     """The leaderboard as CSV, Markdown, HTML, Parquet and JSON (records; null for unset) in `out`."""
-    paths = write_leaderboard(df, out)
     html = f"<!doctype html>\n<meta charset='utf-8'>\n<title>leaderboard</title>\n{to_html(df)}\n"
-    writers = {"leaderboard.html": lambda p: p.write_text(html),
-               "leaderboard.parquet": lambda p: df.to_parquet(p, index=False),
-               "leaderboard.json": lambda p: df.to_json(p, orient="records", indent=2)}
-    for name, write in writers.items():
-        _atomic_write(out / name, write)
-        paths.append(out / name)
-    return paths
+    return write_leaderboard(df, out) + _write_files(out, {
+        "leaderboard.html": lambda p: p.write_text(html),
+        "leaderboard.parquet": lambda p: df.to_parquet(p, index=False),
+        "leaderboard.json": lambda p: df.to_json(p, orient="records", indent=2)})
