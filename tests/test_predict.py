@@ -12,7 +12,7 @@ from PIL import Image
 from autotransfer.cli import main
 from autotransfer.errors import ConfigError, DataError, ExportError
 from autotransfer.predict import Predictor
-from autotransfer.runtime import PROVIDERS, provider_list
+from autotransfer.runtime import PROVIDERS, batch_slices, cpu_session, provider_list, run_batched
 
 META = {"class_names": ["r", "g", "b"], "input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
 
@@ -58,6 +58,25 @@ def test_a_model_with_a_fixed_batch_is_fed_in_padded_chunks(tmp_path):
     colours = list("rgbgr")
     predictor = Predictor(_colour_model(tmp_path / "m.onnx", shape=(2, 3, 8, 8)))
     assert [r["class"] for r in predictor.predict(_images(tmp_path, colours), batch_size=3)] == colours
+
+
+def test_batch_slices_cover_every_row_once_cycling_through_the_sizes():
+    assert [(s.start, s.stop) for s in batch_slices(11, (4, 1))] == [(0, 4), (4, 5), (5, 9), (9, 10), (10, 11)]
+    assert [(s.start, s.stop) for s in batch_slices(5, (64,))] == [(0, 5)]
+    assert batch_slices(0) == [slice(0, 0)]
+    with pytest.raises(ValueError, match="at least 1"):
+        batch_slices(3, (2, 0))
+
+
+def test_run_batched_returns_one_row_per_input_row_in_order(tmp_path):
+    x = np.random.default_rng(0).random((7, 3, 8, 8), dtype=np.float32)
+    expected = x.mean(axis=(2, 3))  # the colour model's logits: each channel's mean
+    dynamic = cpu_session(_colour_model(tmp_path / "d.onnx"))
+    for sizes in ((1,), (3,), (64,), (4, 1)):
+        np.testing.assert_allclose(run_batched(dynamic, x, sizes=sizes), expected, rtol=1e-5)
+    fixed = cpu_session(_colour_model(tmp_path / "f.onnx", shape=(3, 3, 8, 8)))
+    np.testing.assert_allclose(run_batched(fixed, x, sizes=(3,), pad=True), expected, rtol=1e-5)
+    assert run_batched(fixed, x[:0], sizes=(3,), pad=True).shape == (0, 3)
 
 
 @pytest.mark.parametrize("kwargs, match", [
