@@ -4,6 +4,9 @@ A running trial writes a heartbeat every `heartbeat` seconds. When it has been s
 intervals, the next process that looks at the study (any worker, or the same command run again) marks it
 failed with the reason in its user attributes and queues a copy with the same parameters, which Optuna's
 `RetryHeartbeatStaleTrialCallback` does. Heartbeats need an SQL storage (SQLite, PostgreSQL, MySQL).
+
+Also what every command says about storage URLs: `default_storage(out)` (search's SQLite file in its output
+folder) and `unopenable(url, error)`, the one error message for a URL that cannot be opened.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
@@ -24,6 +28,8 @@ GRACE_INTERVALS = 3  # a trial silent for this many heartbeat intervals is consi
 SQLITE_TIMEOUT = 120  # seconds a worker waits for SQLite's write lock before giving up
 SCHEMA_RACE_RETRIES = 5  # attempts after losing the race to create a fresh database's tables
 LOST_REASON = "lost: its process stopped sending heartbeats (killed or crashed); retried as a new trial"
+STUDY_FILE = "study.db"  # search's SQLite database, in its output folder
+EXAMPLE_URLS = "sqlite:///study.db or postgresql://user:pass@host/db"
 # Written by one attempt; a retried copy starts without them.
 _ATTEMPT_ATTRS = ("fail_reason", "seconds", "epochs_run")
 
@@ -50,12 +56,26 @@ class _HeartbeatStorage(RDBStorage):
         return stale
 
 
+def default_storage(out: Path) -> str:
+    """The storage URL search uses without --storage: SQLite in `out/study.db`, as an absolute path."""
+    return f"sqlite:///{(Path(out) / STUDY_FILE).resolve()}"
+
+
 def _driver_hint(url: str) -> str:
     if url.startswith(("postgresql", "postgres")):
         return " (install the driver: pip install 'autotransfer[postgres]')"
     if url.startswith("mysql"):
         return " (install a driver, e.g. pip install pymysql, and use mysql+pymysql://)"
     return ""
+
+
+def unopenable(url: str, error: BaseException) -> ConfigError:
+    """The error for a storage URL that cannot be opened: the URL, the cause's type and first line, a driver
+    hint when the cause is a missing driver, and example URLs. Raise it `from None`."""
+    detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else ""
+    hint = _driver_hint(url) if isinstance(error, ImportError) else ""
+    return ConfigError(f"Storage URL {url!r} cannot be opened ({type(error).__name__}: {detail}){hint}; "
+                       f"pass an Optuna storage URL such as {EXAMPLE_URLS}.")
 
 
 def _sqlalchemy_url(url: str) -> str:
@@ -74,16 +94,11 @@ def open_storage(url: str, *, heartbeat: int = DEFAULT_HEARTBEAT) -> optuna.stor
     if heartbeat < 1:
         raise ConfigError(f"--heartbeat must be at least 1 second, got {heartbeat}.")
     if "://" not in url:
-        raise ConfigError(f"Storage URL {url!r} has no scheme; pass an Optuna storage URL such as "
-                          "sqlite:///study.db or postgresql://user:pass@host/db.")
+        raise ConfigError(f"Storage URL {url!r} has no scheme; pass an Optuna storage URL such as {EXAMPLE_URLS}.")
     try:
         return _open_rdb(url, heartbeat)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
-        detail = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
-        hint = _driver_hint(url) if isinstance(e, ImportError) else ""
-        raise ConfigError(f"Storage URL {url!r} cannot be opened ({type(e).__name__}: {detail}){hint}; "
-                          "pass an Optuna storage URL such as sqlite:///study.db or "
-                          "postgresql://user:pass@host/db.") from None
+        raise unopenable(url, e) from None
 
 
 def _open_rdb(url: str, heartbeat: int) -> RDBStorage:
