@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
@@ -59,6 +60,18 @@ class _HeartbeatStorage(RDBStorage):
 def default_storage(out: Path) -> str:
     """The storage URL search uses without --storage: SQLite in `out/study.db`, as an absolute path."""
     return f"sqlite:///{(Path(out) / STUDY_FILE).resolve()}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (any driver, query ignored, as SQLAlchemy parses it); None for an
+    in-memory database and for other URLs."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
 
 
 def _driver_hint(url: str) -> str:

@@ -15,7 +15,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autotransfer.errors import ConfigError
-from autotransfer.storage import STUDY_FILE, default_storage, unopenable
+from autotransfer.storage import STUDY_FILE, default_storage, sqlite_path, unopenable
 
 DEFAULT_STUDY = "digits"  # search's default study name: the default data set's name
 STUDIES_ROOT = Path("studies")  # search's default parent of `<study-name>/`
@@ -23,14 +23,9 @@ SOURCE = "source"  # study user attribute written by `record_source`
 _STATES = ("complete", "pruned", "fail", "running")
 
 
-def _sqlite_file(storage: str) -> Path | None:
-    prefix = "sqlite:///"
-    return Path(storage[len(prefix):]) if storage.startswith(prefix) and ":memory:" not in storage else None
-
-
 def _check_storage(storage: str) -> None:
     """Refuse a SQLite file that does not exist: opening it would silently create an empty database."""
-    path = _sqlite_file(storage)
+    path = sqlite_path(storage)
     if path is not None and not path.is_file():
         raise ConfigError(f"No study database at {str(path)!r}; run `autotransfer search` first, or pass the "
                           "--out folder (or --storage URL) that search used.")

@@ -5,7 +5,7 @@ import pytest
 
 import autotransfer.study
 from autotransfer.errors import ConfigError
-from autotransfer.storage import STUDY_FILE, default_storage, open_storage, unopenable
+from autotransfer.storage import STUDY_FILE, default_storage, open_storage, sqlite_path, unopenable
 from autotransfer.studies import list_studies, locate, study_names
 
 
@@ -23,6 +23,18 @@ def test_report_export_and_studies_look_where_search_writes(tmp_path, monkeypatc
     optuna.create_study(study_name="pets", storage=url)
     assert locate("pets") == ("pets", url, tmp_path.joinpath("studies", "pets").relative_to(tmp_path))
     assert list(list_studies().storage) == [url]
+    with pytest.raises(ConfigError, match="No study database at 'run/study.db'"):
+        study_names("sqlite+pysqlite:///run/study.db?timeout=5")
+    assert not (tmp_path / "run").exists(), "looking must not create a database"
+
+
+@pytest.mark.parametrize("url, path", [
+    ("sqlite:///study.db", "study.db"), ("sqlite:////abs/study.db", "/abs/study.db"),
+    ("sqlite+pysqlite:///run/study.db", "run/study.db"), ("sqlite:///run/study.db?timeout=5", "run/study.db"),
+    ("sqlite:///:memory:", None), ("sqlite://", None), ("postgresql://u:p@host/db", None),
+])
+def test_sqlite_path_reads_the_database_file_of_any_sqlite_url(url, path):
+    assert (None if sqlite_path(url) is None else str(sqlite_path(url))) == path
 
 
 def test_unopenable_names_the_url_the_cause_and_the_fix():
