@@ -195,6 +195,14 @@ def test_truncated_model_is_a_clear_error(tmp_path, capsys):
     assert "not a readable ONNX model" in capsys.readouterr().err
 
 
+def test_exit_codes_are_one_set():
+    import autotransfer.cli.common as common
+    import autotransfer.errors as errors
+
+    # cli/common.py still defines its own pair (to be re-exported from errors.py): they must not drift apart.
+    assert (common.EXIT_USAGE, common.EXIT_INTERRUPTED) == (errors.EXIT_USAGE, errors.EXIT_INTERRUPTED) == (2, 130)
+
+
 def test_listing_commands(capsys):
     assert main(["backbones"]) == 0
     listing = capsys.readouterr().out
