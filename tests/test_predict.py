@@ -12,7 +12,7 @@ from PIL import Image
 from autotransfer.cli import main
 from autotransfer.errors import ConfigError, DataError, ExportError
 from autotransfer.predict import Predictor
-from autotransfer.runtime import PROVIDERS, batch_slices, cpu_session, provider_list, run_batched
+from autotransfer.runtime import PROVIDERS, available_cpus, batch_slices, cpu_session, provider_list, run_batched
 
 META = {"class_names": ["r", "g", "b"], "input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
 
@@ -58,6 +58,21 @@ def test_a_model_with_a_fixed_batch_is_fed_in_padded_chunks(tmp_path):
     colours = list("rgbgr")
     predictor = Predictor(_colour_model(tmp_path / "m.onnx", shape=(2, 3, 8, 8)))
     assert [r["class"] for r in predictor.predict(_images(tmp_path, colours), batch_size=3)] == colours
+
+
+def test_cpu_count_follows_the_affinity_mask_and_is_shared_by_workers(monkeypatch):
+    import os
+
+    from autotransfer.device import threads_per_worker
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7, 9}, raising=False)
+    assert available_cpus() == 5
+    assert [threads_per_worker(n) for n in (1, 2, 5, 8)] == [5, 2, 1, 1]
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cpus() == threads_per_worker(1) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert available_cpus() == 1
 
 
 def test_batch_slices_cover_every_row_once_cycling_through_the_sizes():
