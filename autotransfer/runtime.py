@@ -45,13 +45,15 @@ physical_cores = available_cpus  # the old, wrong name; benchmarks/onnx_latency.
 
 
 def session_options(*, threads: int | None = None):
-    """Full graph optimisation and a fixed thread count (`threads=None`: one per available CPU, which beats
-    ORT's default on small CNNs)."""
+    """Full graph optimisation and a fixed thread count: `threads`, or with None one per available CPU (which
+    beats ORT's default on small CNNs). 0 is refused: to ORT it means "its default", not "no limit"."""
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1 (or None for one per available CPU), got {threads}.")
     ort = _ort()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or available_cpus()
+    options.intra_op_num_threads = available_cpus() if threads is None else threads
     return options
 
 

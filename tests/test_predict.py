@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,15 @@ from PIL import Image
 from autotransfer.cli import main
 from autotransfer.errors import ConfigError, DataError, ExportError
 from autotransfer.predict import Predictor
-from autotransfer.runtime import PROVIDERS, available_cpus, batch_slices, cpu_session, provider_list, run_batched
+from autotransfer.runtime import (
+    PROVIDERS,
+    available_cpus,
+    batch_slices,
+    cpu_session,
+    provider_list,
+    run_batched,
+    session_options,
+)
 
 META = {"class_names": ["r", "g", "b"], "input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
 
@@ -61,8 +70,6 @@ def test_a_model_with_a_fixed_batch_is_fed_in_padded_chunks(tmp_path):
 
 
 def test_cpu_count_follows_the_affinity_mask_and_is_shared_by_workers(monkeypatch):
-    import os
-
     from autotransfer.device import threads_per_worker
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7, 9}, raising=False)
@@ -73,6 +80,14 @@ def test_cpu_count_follows_the_affinity_mask_and_is_shared_by_workers(monkeypatc
     assert available_cpus() == threads_per_worker(1) == 3
     monkeypatch.setattr(os, "cpu_count", lambda: None)
     assert available_cpus() == 1
+
+
+def test_session_threads_are_explicit(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert session_options().intra_op_num_threads == 3, "None: one per available CPU"
+    assert session_options(threads=2).intra_op_num_threads == 2
+    with pytest.raises(ConfigError, match="threads must be at least 1"):
+        session_options(threads=0)
 
 
 def test_batch_slices_cover_every_row_once_cycling_through_the_sizes():
