@@ -12,8 +12,8 @@ from autotransfer.cli.catalog import Backbones, Datasets
 from autotransfer.cli.common import Command, Parser
 from autotransfer.cli.predict import Predict
 from autotransfer.cli.recommend import Recommend
+from autotransfer.cli.results import Export, Report, Studies
 from autotransfer.cli.search import Search
-from autotransfer.cli.studies import Export, Report, Studies
 from autotransfer.errors import EXIT_USAGE, AutotransferError
 
 TRAINING_STACK = {"torch", "torchvision", "optuna", "onnx", "onnxscript", "pandas", "sklearn", "tqdm"}

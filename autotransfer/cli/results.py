@@ -1,4 +1,5 @@
-"""Commands on an existing study: `report`, `export` and `studies`."""
+"""Commands on the results of a study: `report` (tables, plots, report.html), `export` (a trial to ONNX) and
+`studies` (the studies in a storage, with their counts and best values)."""
 
 from __future__ import annotations
 
