@@ -195,6 +195,20 @@ def test_truncated_model_is_a_clear_error(tmp_path, capsys):
     assert "not a readable ONNX model" in capsys.readouterr().err
 
 
+def test_export_summary_block(capsys, tmp_path):
+    from autotransfer.cli.output import print_export
+
+    variant = {"file": "model.int8.onnx", "test_accuracy": 0.8, "top1_agreement": 0.9, "size_bytes": 1.5e6,
+               "accuracy_drop": 0.075, "degraded": True}
+    print_export("trial 4", {"val_accuracy": 0.9, "test_accuracy": 0.875, "test_images": 8, "onnx_max_abs_diff": 2.5e-5,
+                             "refits": 3, "variants": {"int8": variant}}, tmp_path)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial 4: val 0.9000  test 0.8750 (onnxruntime, 8 images)  max |onnx - torch| 2.5e-05  (3 refits on train+val)",
+        "int8: model.int8.onnx  test 0.8000  top-1 agreement with fp32 0.9000  1.5 MB"
+        "  DEGRADED: loses 7.5 points (> 1)",
+        f"model: {tmp_path / 'model.onnx'}"]
+
+
 def test_exit_codes_are_one_set():
     import autotransfer.cli.common as common
     import autotransfer.errors as errors
