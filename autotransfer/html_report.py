@@ -33,7 +33,9 @@ figure{margin:1.5em 0}figure img{max-width:100%}figcaption{color:#555}.note{colo
 
 
 @dataclass(frozen=True)
-class Report:
+class ReportFiles:
+    """What `write_report` wrote: the folder, the leaderboard in it, its plots (skipped ones too) and the best trial."""
+
     folder: Path  # <out>/report
     board: pd.DataFrame
     plots: list[Plot]
@@ -128,7 +130,7 @@ def render(study: optuna.Study, board: pd.DataFrame, plots: list[Plot], best: di
         "<h2>Plots</h2>", *(_plot_html(p) for p in plots), "</body></html>", ""])
 
 
-def write_report(study: optuna.Study, out: Path, *, storage: str | None = None, top: int = 10) -> Report:
+def write_report(study: optuna.Study, out: Path, *, storage: str | None = None, top: int = 10) -> ReportFiles:
     """Write `out/report/`: leaderboard.{csv,md,html,parquet,json}, the PNG plots and report.html."""
     board = leaderboard(study)
     dest = out / "report"
@@ -138,4 +140,4 @@ def write_report(study: optuna.Study, out: Path, *, storage: str | None = None, 
         best = _best(study, out)
         (tmp / "report.html").write_text(render(study, board, plots, best, storage=storage, top=top))
     plots = [Plot(p.name, p.title, dest / p.path.name if p.path else None, p.note) for p in plots]
-    return Report(dest, board, plots, best)
+    return ReportFiles(dest, board, plots, best)

@@ -14,7 +14,7 @@ from autotransfer.errors import ConfigError
 from autotransfer.precision import add_precision_argument, parse_precisions
 
 
-class Report(Command):
+class WriteReport(Command):
     """Write a study's leaderboards, plots and one self-contained report.html into <out>/report/.
 
     Leaderboard as CSV, Markdown, HTML, Parquet and JSON; PNG plots (optimization history, parameter
