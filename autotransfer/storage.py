@@ -23,6 +23,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
 from autotransfer.errors import ConfigError
+from autotransfer.optuna_compat import StaleTrialHook
 
 DEFAULT_HEARTBEAT = 10  # seconds between heartbeats of a running trial
 GRACE_INTERVALS = 3  # a trial silent for this many heartbeat intervals is considered lost
@@ -44,17 +45,15 @@ class _RetryLostTrial(RetryHeartbeatStaleTrialCallback):
         super().__call__(study, fresh)
 
 
-class _HeartbeatStorage(RDBStorage):
+class _HeartbeatStorage(StaleTrialHook):
     """RDBStorage that writes why a lost trial failed before Optuna marks it (a failed trial takes no attributes)."""
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
-        for trial_id in stale:
+    def before_failing_stale(self, trial_ids: list[int]) -> None:
+        for trial_id in trial_ids:
             try:
                 self.set_trial_user_attr(trial_id, "fail_reason", LOST_REASON)
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # another process marked it first
-        return stale
 
 
 def default_storage(out: Path) -> str:
