@@ -59,13 +59,14 @@ def test_predict_reads_preprocessing_from_the_model(tmp_path, capsys, digits16):
     (["search", "digits", "--backbone", TINY, "--image-size", "16", "--storage", "notadb://x"], "cannot be opened"),
     (["predict", "/no/model.onnx", "x.png"], "does not exist"),
 ])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, argv, match):
-    out = tmp_path / "out"
-    code = main([*argv, "--out", str(out)] if argv[0] == "search" else argv)
-    err = capsys.readouterr().err
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys, argv, match):
+    monkeypatch.chdir(tmp_path)  # what a command writes by default (studies/, files of its own) lands here
+    code = main([*argv, "--out", str(tmp_path / "out")] if argv[0] == "search" else argv)
+    out, err = capsys.readouterr()
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
+    assert out == "", "no partial output before the error"
+    assert list(tmp_path.rglob("*")) == [], "neither --out nor anything in the working folder is left"
 
 
 def _classes(root, **counts):
