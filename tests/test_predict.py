@@ -151,13 +151,27 @@ def test_cli_input_errors_are_one_line_exit_2(tmp_path, capsys, case, match):
     assert code == 2 and match in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_provider_auto_prefers_tensorrt_then_cuda_then_cpu():
-    available = ort.get_available_providers()
-    expected = [p for p in PROVIDERS.values() if p in available]
-    assert provider_list("auto") == expected and expected[-1] == "CPUExecutionProvider"
-    assert provider_list("cpu") == ["CPUExecutionProvider"]
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("available, auto", [
+    ([CPU, CUDA, "AzureExecutionProvider", TRT], [TRT, CUDA, CPU]),
+    ([CUDA, CPU], [CUDA, CPU]),
+    ([TRT, CPU], [TRT, CPU]),
+    ([CPU], [CPU]),
+])
+def test_provider_auto_prefers_tensorrt_then_cuda_then_cpu(monkeypatch, available, auto):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    assert provider_list("auto") == auto
+    assert provider_list("cpu") == [CPU]
+    if CUDA in available:
+        assert provider_list("cuda") == [CUDA, CPU], "CPU stays behind, for nodes CUDA cannot run"
+    else:
+        with pytest.raises(ConfigError, match="Provider 'cuda' is not available"):
+            provider_list("cuda")
     with pytest.raises(ConfigError, match="Unknown provider 'gpu'"):
         provider_list("gpu")
+    assert set(PROVIDERS) == {"tensorrt", "cuda", "cpu"}
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
