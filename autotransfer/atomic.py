@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -39,13 +39,9 @@ def replacing_file(path: Path) -> Iterator[Path]:
     """Yield `.<name>.tmp` beside `path` to write; it replaces `path` only if the body succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with _staged(path.with_name(f".{path.name}.tmp"), discard=lambda tmp: tmp.unlink(missing_ok=True),
+                 commit=lambda tmp: tmp.replace(path)) as tmp:
         yield tmp
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -62,15 +58,20 @@ def replacing_folder(dest: Path, *, keep_existing: bool = False) -> Iterator[Pat
         tmp = dest.with_name(f".{dest.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    with _staged(tmp, discard=lambda t: shutil.rmtree(t, ignore_errors=True),
+                 commit=lambda t: _move_unless_present(t, dest) if keep_existing else _swap_in(t, dest)) as staged:
+        yield staged
+
+
+@contextlib.contextmanager
+def _staged(tmp: Path, *, discard: Callable[[Path], object], commit: Callable[[Path], object]) -> Iterator[Path]:
+    """Yield `tmp`; if the body raises anything, `discard(tmp)` and re-raise, else `commit(tmp)`."""
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
-    if keep_existing:
-        _move_unless_present(tmp, dest)
-    else:
-        _swap_in(tmp, dest)
+    commit(tmp)
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
