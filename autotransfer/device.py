@@ -1,20 +1,19 @@
 """Where trials run: device choice, mixed precision and CPU threads.
 
 On a GPU, training runs under bf16 autocast (fp32 on GPUs without bf16, where fp16 would need loss
-scaling) with channels_last tensors; on
-the CPU it runs in float32, also channels_last (2-3x faster for depthwise convolutions), on one thread
-per physical core.
+scaling) with channels_last tensors; on the CPU it runs in float32, also channels_last (2-3x faster for
+depthwise convolutions), on one thread per CPU the process may use (`runtime.available_cpus`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
 from autotransfer.defaults import DEVICES
 from autotransfer.errors import ConfigError
+from autotransfer.runtime import available_cpus
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -36,13 +35,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def threads_per_worker(workers: int = 1) -> int:
-    """An equal share of the CPU cores this process may use (its affinity mask where there is one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, workers))
+    """An equal share of the CPUs this process may use (`runtime.available_cpus`: its affinity mask)."""
+    return max(1, available_cpus() // max(1, workers))
 
 
 def configure_threads(workers: int = 1) -> int:
-    """Give each of `workers` processes an equal share of the CPU cores; returns this process's threads."""
+    """Give each of `workers` processes an equal share of the CPUs; returns this process's threads."""
     threads = threads_per_worker(workers)
     torch.set_num_threads(threads)
     return threads

@@ -1,9 +1,12 @@
-"""One exception root, so the CLI can tell a user's mistake from a bug.
+"""One exception root, so the CLI can tell a user's mistake from a bug, and the exit codes that say which.
 
 Messages follow one template: what input, what was expected, what was received, how to fix it.
 """
 
 from __future__ import annotations
+
+EXIT_USAGE = 2  # an AutotransferError (or a usage mistake): the message says how to fix it
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM (128 + SIGINT): the running trials were marked and queued again
 
 
 class AutotransferError(Exception):

@@ -16,8 +16,9 @@ import numpy as np
 import onnx
 import torch
 
+from autotransfer.atomic import replacing_file
 from autotransfer.errors import ExportError
-from autotransfer.runtime import cpu_session, read_metadata  # noqa: F401 - re-exported
+from autotransfer.runtime import batch_slices, cpu_session, read_metadata, run_batched  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 # Export fails when any |onnxruntime - PyTorch| logit difference (fp32, CPU) exceeds ATOL + RTOL * max |logit|.
@@ -39,10 +40,8 @@ def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata
     onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in metadata.items()})
     proto.doc_string = "autotransfer model: input float32 [batch,3,H,W] normalised RGB; output logits."
     onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save_model(proto, str(tmp))
-    tmp.replace(path)
+    with replacing_file(path) as tmp:
+        onnx.save_model(proto, str(tmp))
     return path
 
 
@@ -52,22 +51,14 @@ def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor,
 
     Raises ExportError when any logit differs by more than `atol + rtol * max |logit|`.
     """
-    session = cpu_session(path)
     model = model.cpu().eval()
-    max_diff, scale, correct, agree = 0.0, 0.0, 0, 0
-    sizes = [batch_size, 1] if len(x) > batch_size else [max(1, len(x) - 1), 1]
-    i, turn = 0, 0
-    while i < len(x):
-        n = sizes[turn % 2]
-        xb = x[i:i + n]
-        with torch.no_grad():
-            ref = model(xb).numpy()
-        got = session.run(["logits"], {"input": xb.numpy()})[0]
-        max_diff = max(max_diff, float(np.abs(ref - got).max()))
-        scale = max(scale, float(np.abs(ref).max()))
-        correct += int((got.argmax(1) == y[i:i + n].numpy()).sum())
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        i, turn = i + n, turn + 1
+    sizes = [batch_size, 1] if len(x) > batch_size else [max(1, len(x) - 1), 1]  # both a full and a 1-row batch
+    got = run_batched(cpu_session(path), x.numpy(), sizes=sizes)
+    with torch.no_grad():
+        ref = torch.cat([model(x[rows]) for rows in batch_slices(len(x), sizes)]).numpy()
+    max_diff, scale = float(np.abs(ref - got).max()), float(np.abs(ref).max())
+    correct = int((got.argmax(1) == y.numpy()).sum())
+    agree = int((got.argmax(1) == ref.argmax(1)).sum())
     tolerance = atol + rtol * scale
     if max_diff > tolerance:
         raise ExportError(f"ONNX model {str(path)!r} differs from PyTorch by {max_diff:.2e} (> {tolerance:.1e} = "

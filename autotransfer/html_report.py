@@ -1,7 +1,8 @@
 """The report folder: leaderboard tables, plots and one self-contained `report.html` (images inlined).
 
-Everything is written into a temporary sibling folder that replaces `<out>/report/` only when complete,
-so a reader never sees a half-written report, and a running study can be reported again at any time.
+Everything is written into a temporary sibling folder that replaces `<out>/report/` only when complete
+(`atomic.replacing_folder`), so a reader never sees a half-written report, and a running study can be
+reported again at any time.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import base64
 import datetime as dt
 import html
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from autotransfer.atomic import replacing_folder
 from autotransfer.plots import Plot, write_plots
 from autotransfer.report import leaderboard, to_html, write_tables
 from autotransfer.strategy import Strategy
@@ -32,7 +33,9 @@ figure{margin:1.5em 0}figure img{max-width:100%}figcaption{color:#555}.note{colo
 
 
 @dataclass(frozen=True)
-class Report:
+class ReportFiles:
+    """What `write_report` wrote: the folder, the leaderboard in it, its plots (skipped ones too) and the best trial."""
+
     folder: Path  # <out>/report
     board: pd.DataFrame
     plots: list[Plot]
@@ -127,26 +130,14 @@ def render(study: optuna.Study, board: pd.DataFrame, plots: list[Plot], best: di
         "<h2>Plots</h2>", *(_plot_html(p) for p in plots), "</body></html>", ""])
 
 
-def write_report(study: optuna.Study, out: Path, *, storage: str | None = None, top: int = 10) -> Report:
+def write_report(study: optuna.Study, out: Path, *, storage: str | None = None, top: int = 10) -> ReportFiles:
     """Write `out/report/`: leaderboard.{csv,md,html,parquet,json}, the PNG plots and report.html."""
     board = leaderboard(study)
     dest = out / "report"
-    tmp = out / ".report.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing_folder(dest) as tmp:
         write_tables(board, tmp)
         plots = write_plots(study, board, tmp, group_names(study))
         best = _best(study, out)
         (tmp / "report.html").write_text(render(study, board, plots, best, storage=storage, top=top))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out / ".report.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.replace(old)
-    tmp.replace(dest)
-    shutil.rmtree(old, ignore_errors=True)
     plots = [Plot(p.name, p.title, dest / p.path.name if p.path else None, p.note) for p in plots]
-    return Report(dest, board, plots, best)
+    return ReportFiles(dest, board, plots, best)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from autotransfer.errors import ConfigError
-from autotransfer.runtime import cpu_session
+from autotransfer.runtime import cpu_session, run_batched
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -115,12 +115,6 @@ def make_variant(fp32_path: Path, precision: str, calibration_images: np.ndarray
     return dest
 
 
-def _logits(path: Path, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    session = cpu_session(path)
-    return np.concatenate([session.run(["logits"], {"input": x[i:i + batch_size]})[0]
-                           for i in range(0, len(x), batch_size)])
-
-
 def check_variant(variant: Path, fp32_path: Path, x: np.ndarray, y: Sequence[int] | np.ndarray, *,
                   max_drop: float = MAX_ACCURACY_DROP) -> dict[str, object]:
     """Test-split accuracy of `variant` and its top-1 agreement with fp32, both through onnxruntime (CPU).
@@ -129,8 +123,8 @@ def check_variant(variant: Path, fp32_path: Path, x: np.ndarray, y: Sequence[int
     """
     x = np.ascontiguousarray(x, np.float32)
     y = np.asarray(y)
-    ref = _logits(fp32_path, x).argmax(1)
-    got = _logits(variant, x).argmax(1)
+    ref = run_batched(cpu_session(fp32_path), x).argmax(1)
+    got = run_batched(cpu_session(variant), x).argmax(1)
     accuracy, fp32_accuracy = float((got == y).mean()), float((ref == y).mean())
     drop = fp32_accuracy - accuracy
     if drop > max_drop:

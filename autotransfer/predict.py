@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from autotransfer.errors import DataError, ExportError
 from autotransfer.images import open_image
-from autotransfer.runtime import open_session, read_metadata
+from autotransfer.runtime import open_session, read_metadata, run_batched
 
 REQUIRED_METADATA = ("class_names", "input_size", "mean", "std")
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
@@ -66,8 +66,6 @@ class Predictor:
         self.image_size, self._fixed_batch, self._dtype = _input_spec(self.session, meta, str(model_path))
         self.classes: list[str] = list(meta["class_names"])
         self.mean, self.std = meta["mean"], meta["std"]
-        self._input = self.session.get_inputs()[0].name
-        self._output = self.session.get_outputs()[0].name
 
     @property
     def provider(self) -> str:
@@ -75,13 +73,9 @@ class Predictor:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits for a preprocessed float32 batch; pads to the model's batch size when it is fixed."""
-        n = len(x)
-        if self._fixed_batch and n != self._fixed_batch:
-            if n > self._fixed_batch:
-                return np.concatenate([self.logits(x[i:i + self._fixed_batch]) for i in range(0, n, self._fixed_batch)])
-            x = np.concatenate([x, np.zeros((self._fixed_batch - n, *x.shape[1:]), x.dtype)])
-        out = self.session.run([self._output], {self._input: x.astype(self._dtype, copy=False)})[0]
-        return out[:n].astype(np.float32)
+        size = self._fixed_batch or max(1, len(x))  # a dynamic batch axis takes all of `x` at once
+        out = run_batched(self.session, x.astype(self._dtype, copy=False), sizes=(size,), pad=bool(self._fixed_batch))
+        return out.astype(np.float32)
 
     def predict(self, paths: Sequence[str | Path], *, batch_size: int = 64) -> list[dict]:
         """One dict per image: path, class, probability (softmax of the logits); decodes one batch at a time."""

@@ -1,4 +1,5 @@
-"""Study -> tidy leaderboard (a pure function), and the writers that put it on disk.
+"""Study -> tidy leaderboard (a pure function), the writers that put it on disk, and `trial_line`, the
+one-line summary of a trial that `search` and its workers print as trials finish.
 
 Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
 number), `state` (complete, pruned, fail, running), `val_accuracy` (the objective value; for pruned and
@@ -9,11 +10,13 @@ pruned, empty otherwise), `seconds`, `note` (why it failed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pandas as pd
 
+from autotransfer.atomic import replacing_file
 from autotransfer.strategy import Strategy
 
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
@@ -32,6 +35,20 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
             **t.user_attrs.get("strategy", {}), "steps_run": steps,
             "pruned_at": steps if t.state == optuna.trial.TrialState.PRUNED else None,
             "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""}
+
+
+def trial_line(trial: optuna.trial.FrozenTrial, backbone, best: optuna.trial.FrozenTrial | None = None) -> str:
+    """One line per finished trial: number, state, accuracy (and the best so far), seconds, strategy, why it failed.
+
+    `backbone` names the groups in the strategy's description (anything with `group_names`).
+    """
+    described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
+        if "strategy" in trial.user_attrs else ""
+    value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
+    best_text = f" (best {best.value:.4f})" if best is not None else ""
+    reason = trial.user_attrs.get("fail_reason")
+    return (f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}{best_text}  "
+            f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
 
 
 def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.DataFrame:
@@ -77,29 +94,24 @@ def to_html(df: pd.DataFrame) -> str:
                               escape=True)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+def _write_files(out: Path, writers: dict[str, Callable[[Path], object]]) -> list[Path]:
+    """Each `writers[name](path)` writes a temporary file that then replaces `out/name` (`replacing_file`)."""
+    for name, write in writers.items():
+        with replacing_file(out / name) as tmp:
+            write(tmp)
+    return [out / name for name in writers]
 
 
 def write_leaderboard(df: pd.DataFrame, out: Path) -> list[Path]:
     """leaderboard.csv and leaderboard.md in `out`; written to temporary files first, then renamed."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "leaderboard.csv", out / "leaderboard.md"]
-    _atomic_write(paths[0], lambda p: df.to_csv(p, index=False))
-    _atomic_write(paths[1], lambda p: p.write_text(to_markdown(df) + "\n"))
-    return paths
+    return _write_files(out, {"leaderboard.csv": lambda p: df.to_csv(p, index=False),
+                              "leaderboard.md": lambda p: p.write_text(to_markdown(df) + "\n")})
 
 
 def write_tables(df: pd.DataFrame, out: Path) -> list[Path]:
     """The leaderboard as CSV, Markdown, HTML, Parquet and JSON (records; null for unset) in `out`."""
-    paths = write_leaderboard(df, out)
     html = f"<!doctype html>\n<meta charset='utf-8'>\n<title>leaderboard</title>\n{to_html(df)}\n"
-    writers = {"leaderboard.html": lambda p: p.write_text(html),
-               "leaderboard.parquet": lambda p: df.to_parquet(p, index=False),
-               "leaderboard.json": lambda p: df.to_json(p, orient="records", indent=2)}
-    for name, write in writers.items():
-        _atomic_write(out / name, write)
-        paths.append(out / name)
-    return paths
+    return write_leaderboard(df, out) + _write_files(out, {
+        "leaderboard.html": lambda p: p.write_text(html),
+        "leaderboard.parquet": lambda p: df.to_parquet(p, index=False),
+        "leaderboard.json": lambda p: df.to_json(p, orient="records", indent=2)})

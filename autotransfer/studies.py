@@ -15,6 +15,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autotransfer.errors import ConfigError
+from autotransfer.storage import STUDY_FILE, default_storage, sqlite_path, unopenable
 
 DEFAULT_STUDY = "digits"  # search's default study name: the default data set's name
 STUDIES_ROOT = Path("studies")  # search's default parent of `<study-name>/`
@@ -22,14 +23,9 @@ SOURCE = "source"  # study user attribute written by `record_source`
 _STATES = ("complete", "pruned", "fail", "running")
 
 
-def _sqlite_file(storage: str) -> Path | None:
-    prefix = "sqlite:///"
-    return Path(storage[len(prefix):]) if storage.startswith(prefix) and ":memory:" not in storage else None
-
-
 def _check_storage(storage: str) -> None:
     """Refuse a SQLite file that does not exist: opening it would silently create an empty database."""
-    path = _sqlite_file(storage)
+    path = sqlite_path(storage)
     if path is not None and not path.is_file():
         raise ConfigError(f"No study database at {str(path)!r}; run `autotransfer search` first, or pass the "
                           "--out folder (or --storage URL) that search used.")
@@ -40,9 +36,7 @@ def study_names(storage: str) -> list[str]:
     try:
         return optuna.study.get_all_study_names(storage=storage)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
-        raise ConfigError(f"Storage URL {storage!r} cannot be opened ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]}); pass an Optuna storage URL such as "
-                          "sqlite:///studies/digits/study.db or postgresql://user:pass@host/db.") from None
+        raise unopenable(storage, e) from None
 
 
 def locate(study_name: str | None = None, storage: str | None = None,
@@ -53,7 +47,7 @@ def locate(study_name: str | None = None, storage: str | None = None,
     """
     if storage is None:
         folder = out or STUDIES_ROOT / (study_name or DEFAULT_STUDY)
-        storage = f"sqlite:///{(folder / 'study.db').resolve()}"
+        storage = default_storage(folder)
     names = study_names(storage)
     if study_name is None:
         if len(names) == 1:
@@ -101,7 +95,7 @@ def summary(study: optuna.Study) -> dict[str, Any]:
 
 def list_studies(storage: str | None = None, *, root: Path = STUDIES_ROOT) -> pd.DataFrame:
     """One row per study: counts by state and best value; without `storage`, every `root/*/study.db`."""
-    urls = [storage] if storage else [f"sqlite:///{p.resolve()}" for p in sorted(root.glob("*/study.db"))]
+    urls = [storage] if storage else [default_storage(p.parent) for p in sorted(root.glob(f"*/{STUDY_FILE}"))]
     rows = [{**summary(open_existing(name, url)), "storage": url} for url in urls for name in study_names(url)]
     columns = ["study", "trials", *_STATES, "best_value", "best_trial", "data", "backbone", "storage"]
     df = pd.DataFrame(rows, columns=columns)

@@ -21,11 +21,11 @@ import torch
 from autotransfer.backbones import Backbone
 from autotransfer.data import ImageData
 from autotransfer.device import configure_threads
-from autotransfer.errors import AutotransferError
+from autotransfer.errors import EXIT_INTERRUPTED, EXIT_USAGE, AutotransferError
 from autotransfer.features import DEFAULT_MEMORY_LIMIT
+from autotransfer.report import trial_line
 from autotransfer.study import StudyConfig
 
-EXIT_INTERRUPTED = 130
 STOP_SECONDS = 60  # how long an interrupted worker may take to mark its trial before it is killed
 
 
@@ -65,7 +65,6 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
 
     import optuna
 
-    from autotransfer.cli.search import trial_line
     from autotransfer.features import ActivationCache
     from autotransfer.study import open_study, run_study
 
@@ -87,7 +86,7 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
             sys.exit(EXIT_INTERRUPTED)
         except AutotransferError as e:
             print(f"autotransfer: error: [worker {index}] {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            sys.exit(EXIT_USAGE)
 
 
 def run_workers(config: StudyConfig, backbone: Backbone, data: ImageData, *, workers: int,

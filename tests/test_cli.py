@@ -59,13 +59,14 @@ def test_predict_reads_preprocessing_from_the_model(tmp_path, capsys, digits16):
     (["search", "digits", "--backbone", TINY, "--image-size", "16", "--storage", "notadb://x"], "cannot be opened"),
     (["predict", "/no/model.onnx", "x.png"], "does not exist"),
 ])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, capsys, argv, match):
-    out = tmp_path / "out"
-    code = main([*argv, "--out", str(out)] if argv[0] == "search" else argv)
-    err = capsys.readouterr().err
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, monkeypatch, capsys, argv, match):
+    monkeypatch.chdir(tmp_path)  # what a command writes by default (studies/, files of its own) lands here
+    code = main([*argv, "--out", str(tmp_path / "out")] if argv[0] == "search" else argv)
+    out, err = capsys.readouterr()
     assert code == 2
     assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert not out.exists()
+    assert out == "", "no partial output before the error"
+    assert list(tmp_path.rglob("*")) == [], "neither --out nor anything in the working folder is left"
 
 
 def _classes(root, **counts):
@@ -195,6 +196,28 @@ def test_truncated_model_is_a_clear_error(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     assert main(["predict", str(bad), str(tmp_path / "a.png")]) == 2
     assert "not a readable ONNX model" in capsys.readouterr().err
+
+
+def test_export_summary_block(capsys, tmp_path):
+    from autotransfer.cli.output import print_export
+
+    variant = {"file": "model.int8.onnx", "test_accuracy": 0.8, "top1_agreement": 0.9, "size_bytes": 1.5e6,
+               "accuracy_drop": 0.075, "degraded": True}
+    print_export("trial 4", {"val_accuracy": 0.9, "test_accuracy": 0.875, "test_images": 8, "onnx_max_abs_diff": 2.5e-5,
+                             "refits": 3, "variants": {"int8": variant}}, tmp_path)
+    assert capsys.readouterr().out.splitlines() == [
+        "trial 4: val 0.9000  test 0.8750 (onnxruntime, 8 images)  max |onnx - torch| 2.5e-05  (3 refits on train+val)",
+        "int8: model.int8.onnx  test 0.8000  top-1 agreement with fp32 0.9000  1.5 MB"
+        "  DEGRADED: loses 7.5 points (> 1)",
+        f"model: {tmp_path / 'model.onnx'}"]
+
+
+def test_exit_codes_are_one_set():
+    import autotransfer.cli.common as common
+    import autotransfer.errors as errors
+
+    # cli/common.py still defines its own pair (to be re-exported from errors.py): they must not drift apart.
+    assert (common.EXIT_USAGE, common.EXIT_INTERRUPTED) == (errors.EXIT_USAGE, errors.EXIT_INTERRUPTED) == (2, 130)
 
 
 def test_listing_commands(capsys):

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import optuna
 import pandas as pd
 import pytest
 
@@ -28,8 +29,31 @@ def test_default_search_exports_a_model_above_97_percent(search_run):
     assert metrics["onnx_max_abs_diff"] <= 1e-3
     board = pd.read_csv(out / "leaderboard.csv")
     assert len(board[board.state.isin(["complete", "pruned"])]) == 10
-    assert board.iloc[0].val_accuracy >= board[board.trial == 0].val_accuracy.iloc[0], "never worse than trial 0"
-    assert "Top 10 strategies" in stdout and "best: trial" in stdout
+    assert "Top 10 strategies" in stdout and f"best: trial {metrics['trial']} " in stdout
+
+
+def test_the_export_is_the_best_trial_and_trial_0_the_prior_s_pick(search_run):
+    out, _ = search_run
+    check_export_and_first_trial(out)
+
+
+def check_export_and_first_trial(out):
+    """best/ holds the leaderboard's best complete trial, and the study opened with the prior's recommendation."""
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    board = pd.read_csv(out / "leaderboard.csv")
+    top = board.iloc[0]
+    assert top.state == "complete" and top["rank"] == 1
+    assert board[board.state == "complete"].val_accuracy.max() == top.val_accuracy
+    assert metrics["trial"] == top.trial and metrics["val_accuracy"] == top.val_accuracy
+    strategy = json.loads((out / "best" / "strategy.json").read_text())
+    assert {k: strategy[k] for k in ("tap", "freeze", "head", "pool")} == {k: top[k] for k in ("tap", "freeze", "head",
+                                                                                              "pool")}
+    storage = f"sqlite:///{out / 'study.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    first = study.trials[0]
+    assert first.user_attrs.get("enqueued") == "prior"
+    assert first.user_attrs["strategy"] == study.user_attrs["prior"]["recommended"], "trial 0 runs the recommendation"
 
 
 def test_rerun_continues_the_study_to_the_new_budget(search_run):

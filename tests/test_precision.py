@@ -41,17 +41,32 @@ def test_unknown_precision_fails_before_the_search(tmp_path, capsys):
     assert "Unknown precision 'int4'" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_search_writes_each_variant_with_its_checks(best, capsys):
+@pytest.fixture(scope="module")
+def fp32_on_test(best, digits16):
+    """(test images as the model takes them, labels, the fp32 model's predictions), all through `Predictor`."""
+    fp32 = Predictor(best / "model.onnx", provider="cpu")
+    x, y = digits16.subset("test")
+    x = normalise(x, fp32.mean, fp32.std).numpy()
+    return x, y.numpy(), fp32.logits(x).argmax(1)
+
+
+def test_search_writes_each_variant_with_its_checks(best, fp32_on_test):
+    """metrics.json's numbers are what the files do: measured again here through `Predictor`, not export's code."""
     metrics = json.loads((best / "metrics.json").read_text())
     assert metrics["precisions"] == ["fp32", "fp16", "int8"]
     assert set(metrics["variants"]) == {"fp16", "int8"}
     fp16, int8 = metrics["variants"]["fp16"], metrics["variants"]["int8"]
     assert fp16["file"] == "model.fp16.onnx" and int8["file"] == "model.int8.onnx"
-    assert fp16["top1_agreement"] >= 0.99 and int8["top1_agreement"] >= 0.95
+    x, y, reference = fp32_on_test
+    assert len(y) == metrics["test_images"]
+    assert metrics["test_accuracy"] == pytest.approx(float((reference == y).mean()))
     for v in (fp16, int8):
-        assert v["accuracy_drop"] == pytest.approx(metrics["test_accuracy"] - v["test_accuracy"])
-        assert v["degraded"] == (v["accuracy_drop"] > 0.01)
+        got = Predictor(best / v["file"], provider="cpu").logits(x).argmax(1)
+        assert v["test_accuracy"] == pytest.approx(float((got == y).mean()))
+        assert v["top1_agreement"] == pytest.approx(float((got == reference).mean()))
+        assert v["accuracy_drop"] == pytest.approx(metrics["test_accuracy"] - float((got == y).mean()))
         assert v["size_bytes"] == (best / v["file"]).stat().st_size < (best / "model.onnx").stat().st_size
+    assert fp16["top1_agreement"] >= 0.99 and int8["top1_agreement"] >= 0.95
 
 
 def test_variants_keep_io_types_metadata_and_are_really_converted(best):
@@ -85,7 +100,7 @@ def test_predict_runs_every_variant(best, digits16, tmp_path):
         assert sum(a == b for a, b in zip(classes[variant], classes["model.onnx"], strict=True)) >= 10
 
 
-def test_check_variant_reports_a_variant_that_loses_accuracy(best, digits16, tmp_path):
+def test_check_variant_reports_a_variant_that_loses_accuracy(best, fp32_on_test, tmp_path):
     broken = tmp_path / "model.broken.onnx"
     shutil.copy(best / "model.onnx", broken)
     model = onnx.load(str(broken))
@@ -95,7 +110,20 @@ def test_check_variant_reports_a_variant_that_loses_accuracy(best, digits16, tmp
         values[0] += 1e3  # every image becomes class 0
         bias.CopyFrom(numpy_helper.from_array(values, bias.name))
     onnx.save_model(model, str(broken))
-    x, y = digits16.subset("test")
-    out = check_variant(broken, best / "model.onnx", normalise(x, (0.5,) * 3, (0.5,) * 3).numpy(), y.numpy())
+    x, y, reference = fp32_on_test
+    out = check_variant(broken, best / "model.onnx", x, y)
     assert out["degraded"] is True and out["accuracy_drop"] > 0.5
-    assert out["test_accuracy"] == pytest.approx(float(np.mean(y.numpy() == 0)))
+    assert out["test_accuracy"] == pytest.approx(float(np.mean(y == 0)))
+    assert out["top1_agreement"] == pytest.approx(float(np.mean(reference == 0)))
+    drop = out["accuracy_drop"]
+    assert check_variant(broken, best / "model.onnx", x, y, max_drop=drop)["degraded"] is False, "only a larger loss"
+    assert check_variant(broken, best / "model.onnx", x, y, max_drop=drop - 0.01)["degraded"] is True
+
+
+def test_an_identical_variant_loses_nothing(best, fp32_on_test, tmp_path):
+    same = tmp_path / "model.same.onnx"
+    shutil.copy(best / "model.onnx", same)
+    x, y, reference = fp32_on_test
+    out = check_variant(same, best / "model.onnx", x, y, max_drop=0.0)
+    assert out == {"file": "model.same.onnx", "test_accuracy": pytest.approx(float((reference == y).mean())),
+                   "top1_agreement": 1.0, "accuracy_drop": 0.0, "degraded": False, "size_bytes": same.stat().st_size}

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -12,7 +13,15 @@ from PIL import Image
 from autotransfer.cli import main
 from autotransfer.errors import ConfigError, DataError, ExportError
 from autotransfer.predict import Predictor
-from autotransfer.runtime import PROVIDERS, provider_list
+from autotransfer.runtime import (
+    PROVIDERS,
+    available_cpus,
+    batch_slices,
+    cpu_session,
+    provider_list,
+    run_batched,
+    session_options,
+)
 
 META = {"class_names": ["r", "g", "b"], "input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1]}
 
@@ -60,6 +69,46 @@ def test_a_model_with_a_fixed_batch_is_fed_in_padded_chunks(tmp_path):
     assert [r["class"] for r in predictor.predict(_images(tmp_path, colours), batch_size=3)] == colours
 
 
+def test_cpu_count_follows_the_affinity_mask_and_is_shared_by_workers(monkeypatch):
+    from autotransfer.device import threads_per_worker
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5, 7, 9}, raising=False)
+    assert available_cpus() == 5
+    assert [threads_per_worker(n) for n in (1, 2, 5, 8)] == [5, 2, 1, 1]
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert available_cpus() == threads_per_worker(1) == 3
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert available_cpus() == 1
+
+
+def test_session_threads_are_explicit(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert session_options().intra_op_num_threads == 3, "None: one per available CPU"
+    assert session_options(threads=2).intra_op_num_threads == 2
+    with pytest.raises(ConfigError, match="threads must be at least 1"):
+        session_options(threads=0)
+
+
+def test_batch_slices_cover_every_row_once_cycling_through_the_sizes():
+    assert [(s.start, s.stop) for s in batch_slices(11, (4, 1))] == [(0, 4), (4, 5), (5, 9), (9, 10), (10, 11)]
+    assert [(s.start, s.stop) for s in batch_slices(5, (64,))] == [(0, 5)]
+    assert batch_slices(0) == [slice(0, 0)]
+    with pytest.raises(ValueError, match="at least 1"):
+        batch_slices(3, (2, 0))
+
+
+def test_run_batched_returns_one_row_per_input_row_in_order(tmp_path):
+    x = np.random.default_rng(0).random((7, 3, 8, 8), dtype=np.float32)
+    expected = x.mean(axis=(2, 3))  # the colour model's logits: each channel's mean
+    dynamic = cpu_session(_colour_model(tmp_path / "d.onnx"))
+    for sizes in ((1,), (3,), (64,), (4, 1)):
+        np.testing.assert_allclose(run_batched(dynamic, x, sizes=sizes), expected, rtol=1e-5)
+    fixed = cpu_session(_colour_model(tmp_path / "f.onnx", shape=(3, 3, 8, 8)))
+    np.testing.assert_allclose(run_batched(fixed, x, sizes=(3,), pad=True), expected, rtol=1e-5)
+    assert run_batched(fixed, x[:0], sizes=(3,), pad=True).shape == (0, 3)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"nhwc": True, "shape": ("batch", 8, 8, 3)}, r"\[batch, 3, H, W\] \(NCHW\)"),
     ({"shape": ("batch", 1, 8, 8)}, r"\[batch, 3, H, W\]"),
@@ -102,13 +151,27 @@ def test_cli_input_errors_are_one_line_exit_2(tmp_path, capsys, case, match):
     assert code == 2 and match in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_provider_auto_prefers_tensorrt_then_cuda_then_cpu():
-    available = ort.get_available_providers()
-    expected = [p for p in PROVIDERS.values() if p in available]
-    assert provider_list("auto") == expected and expected[-1] == "CPUExecutionProvider"
-    assert provider_list("cpu") == ["CPUExecutionProvider"]
+TRT, CUDA, CPU = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+@pytest.mark.parametrize("available, auto", [
+    ([CPU, CUDA, "AzureExecutionProvider", TRT], [TRT, CUDA, CPU]),
+    ([CUDA, CPU], [CUDA, CPU]),
+    ([TRT, CPU], [TRT, CPU]),
+    ([CPU], [CPU]),
+])
+def test_provider_auto_prefers_tensorrt_then_cuda_then_cpu(monkeypatch, available, auto):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    assert provider_list("auto") == auto
+    assert provider_list("cpu") == [CPU]
+    if CUDA in available:
+        assert provider_list("cuda") == [CUDA, CPU], "CPU stays behind, for nodes CUDA cannot run"
+    else:
+        with pytest.raises(ConfigError, match="Provider 'cuda' is not available"):
+            provider_list("cuda")
     with pytest.raises(ConfigError, match="Unknown provider 'gpu'"):
         provider_list("gpu")
+    assert set(PROVIDERS) == {"tensorrt", "cuda", "cpu"}
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")

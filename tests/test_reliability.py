@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 import autotransfer.study as study_module
@@ -78,6 +80,13 @@ def _wait_mid_trial(proc: subprocess.Popen, url: str, finished: int, timeout: fl
     pytest.fail(f"no trial was running after {finished} finished trials: {proc.communicate()}")
 
 
+def _retry_of(trial: optuna.trial.FrozenTrial) -> int | None:
+    """The number of the failed trial that `trial` retries (Optuna's public, experimental accessor)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
 def _assert_clean_exit(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -100,7 +109,7 @@ def test_kill_9_mid_trial_then_the_same_command_retries_it_and_ends_at_the_budge
     assert TrialState.RUNNING not in states and TrialState.WAITING not in states
     lost = study.trials[victim.number]
     assert lost.state == TrialState.FAIL and lost.user_attrs["fail_reason"] == LOST_REASON
-    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    retries = [t for t in study.trials if _retry_of(t) == victim.number]
     assert len(retries) == 1 and retries[0].state in FINISHED
     # Compared with the trial as stored after the kill: a read taken mid-trial may miss its last parameter.
     assert retries[0].params == lost.params and lost.params, "the retry runs the same strategy"
@@ -125,7 +134,7 @@ def test_ctrl_c_marks_the_running_trial_writes_the_leaderboard_and_the_rerun_res
     study = _load(url)
     stopped = study.trials[victim.number]
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
-    queued = [t for t in study.trials if t.system_attrs.get("failed_trial") == victim.number]
+    queued = [t for t in study.trials if _retry_of(t) == victim.number]
     assert len(queued) == 1 and queued[0].state == TrialState.WAITING and queued[0].params == stopped.params
     assert TrialState.RUNNING not in [t.state for t in study.trials]
     board = pd.read_csv(out / "leaderboard.csv")

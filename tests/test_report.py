@@ -19,7 +19,7 @@ import autotransfer
 from autotransfer.cli import main
 from autotransfer.export import cpu_session
 from autotransfer.html_report import write_report
-from autotransfer.report import COLUMNS, STRATEGY_COLUMNS, TABLE_FILES, leaderboard, write_tables
+from autotransfer.report import COLUMNS, STRATEGY_COLUMNS, TABLE_FILES, leaderboard, trial_line, write_tables
 from autotransfer.strategy import Strategy
 from autotransfer.studies import record_source
 from tests.conftest import TINY
@@ -73,6 +73,21 @@ def test_leaderboard_columns_order_and_every_state(made_up):
     failed = board.set_index("trial").loc[3]
     assert math.isnan(failed.val_accuracy) and failed.note == "RuntimeError: CUDA out of memory"
     assert board.set_index("trial").loc[2, "head"] == "mlp" and board.set_index("trial").loc[2, "mlp_hidden"] == 128
+
+
+def test_trial_line_says_state_value_best_time_strategy_and_why_it_failed(made_up):
+    names = type("Named", (), {"group_names": ("g1", "g2", "g3")})()
+    trials = made_up.trials
+    best = trials[2]
+    line = trial_line(trials[0], names, best)
+    assert line.startswith("trial   0 complete val 0.8000 (best 0.9000")
+    described = Strategy.from_dict(trials[0].user_attrs["strategy"]).describe(names.group_names)
+    assert line.endswith(f"   1.5s  {described}") and "g3" in described
+    failed = trial_line(trials[3], names)
+    assert failed.startswith("trial   3 fail     val   -     ") and "(best" not in failed
+    assert failed.endswith("  [RuntimeError: CUDA out of memory]")
+    assert trial_line(trials[1], names).startswith("trial   1 pruned   val   -   ")
+    assert "   0.0s  " in trial_line(trials[5], names), "a running trial has no time yet"
 
 
 def test_leaderboard_by_name_finds_the_study_where_search_puts_it(tmp_path, monkeypatch, made_up):

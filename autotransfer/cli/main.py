@@ -9,17 +9,17 @@ import sys
 
 from autotransfer import __version__
 from autotransfer.cli.catalog import Backbones, Datasets
-from autotransfer.cli.common import EXIT_USAGE, Command, Parser
+from autotransfer.cli.common import Command, Parser
 from autotransfer.cli.predict import Predict
 from autotransfer.cli.recommend import Recommend
+from autotransfer.cli.results import Export, Studies, WriteReport
 from autotransfer.cli.search import Search
-from autotransfer.cli.studies import Export, Report, Studies
-from autotransfer.errors import AutotransferError
+from autotransfer.errors import EXIT_USAGE, AutotransferError
 
 TRAINING_STACK = {"torch", "torchvision", "optuna", "onnx", "onnxscript", "pandas", "sklearn", "tqdm"}
 
 COMMANDS: dict[str, type[Command]] = {
-    "search": Search, "recommend": Recommend, "report": Report, "export": Export, "studies": Studies,
+    "search": Search, "recommend": Recommend, "report": WriteReport, "export": Export, "studies": Studies,
     "predict": Predict, "backbones": Backbones, "datasets": Datasets,
 }
 

@@ -77,19 +77,6 @@ class Search(Command):
             raise
 
 
-def trial_line(trial, backbone, best=None) -> str:
-    """One line per finished trial: number, state, accuracy (and the best so far), seconds, strategy, why it failed."""
-    from autotransfer.strategy import Strategy
-
-    described = Strategy.from_dict(trial.user_attrs["strategy"]).describe(backbone.group_names) \
-        if "strategy" in trial.user_attrs else ""
-    value = f"{trial.value:.4f}" if trial.value is not None else "  -   "
-    best_text = f" (best {best.value:.4f})" if best is not None else ""
-    reason = trial.user_attrs.get("fail_reason")
-    return (f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}{best_text}  "
-            f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
-
-
 def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False, source: dict | None = None,
                precision: tuple[str, ...] = ("fp32",), refits: int = DEFAULT_REFITS) -> int:
     import optuna
@@ -98,7 +85,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     from autotransfer.device import threads_per_worker
     from autotransfer.fidelity import BATCH_SIZE, StepLadder
     from autotransfer.pipeline import finish_study
-    from autotransfer.report import leaderboard, to_markdown, write_leaderboard
+    from autotransfer.report import leaderboard, to_markdown, trial_line, write_leaderboard
     from autotransfer.studies import record_source
     from autotransfer.study import (
         FINISHED,

@@ -1,4 +1,5 @@
-"""Commands on an existing study: `report`, `export` and `studies`."""
+"""Commands on the results of a study: `report` (tables, plots, report.html), `export` (a trial to ONNX) and
+`studies` (the studies in a storage, with their counts and best values)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from autotransfer.cli.common import (
-    Command,
-    add_refit_argument,
-    add_study_arguments,
-    describe_training,
-    int_at_least,
-    print_variants,
-    writable,
-)
+from autotransfer.cli.common import Command, add_refit_argument, add_study_arguments, int_at_least, writable
+from autotransfer.cli.output import print_export
 from autotransfer.defaults import DEVICES
 from autotransfer.errors import ConfigError
 from autotransfer.precision import add_precision_argument, parse_precisions
 
 
-class Report(Command):
+class WriteReport(Command):
     """Write a study's leaderboards, plots and one self-contained report.html into <out>/report/.
 
     Leaderboard as CSV, Markdown, HTML, Parquet and JSON; PNG plots (optimization history, parameter
@@ -117,11 +111,7 @@ class Export(Command):
         precision = parse_precisions(args.precision)
         result = export_trial(study, number, backbone, ActivationCache(backbone, data, folder=out / "cache"),
                               study_out=out, dest=dest, precision=precision, refits=args.refit, device=args.device)
-        m = result.metrics
-        print(f"trial {number}: val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
-              f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}{describe_training(m)}")
-        print_variants(m)
-        print(f"model: {result.folder / 'model.onnx'}")
+        print_export(f"trial {number}", result.metrics, result.folder)
         return 0
 
 
