@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from autotransfer.optuna_compat import queued_params, stored_trial
 from autotransfer.storage import fail_lost_trials
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -54,16 +55,16 @@ def earlier_twin(study: optuna.Study, trial: optuna.Trial) -> int | None:
     Processes that open a new study at the same moment each queue the prior's strategies (the check that the
     study is empty races), so a strategy can be queued twice; the copy with the higher number does not run.
     """
-    mine = study._storage.get_trial(trial._trial_id)
+    mine = stored_trial(study, trial)
     if mine.user_attrs.get("enqueued") != "prior":
         return None
     # The queued parameters, not `params`: a trial has no `params` until it suggests them, and this check
     # runs before that, in this trial and possibly in its twin.
-    queued = mine.system_attrs.get("fixed_params")
+    queued = queued_params(mine)
     for other in study.get_trials(deepcopy=False):
         # A failed earlier copy (lost, interrupted) does not count: this copy is its retry.
         if (other.number < trial.number and other.user_attrs.get("enqueued") == "prior"
-                and other.state != TrialState.FAIL and other.system_attrs.get("fixed_params") == queued):
+                and other.state != TrialState.FAIL and queued_params(other) == queued):
             return other.number
     return None
 

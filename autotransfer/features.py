@@ -13,6 +13,7 @@ reading one never copies the whole array; "train+val" (the final refit's data) i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autotransfer.atomic import replacing_folder
 from autotransfer.backbones import Backbone
 from autotransfer.data import SPLITS, ImageData
 from autotransfer.heads import GlobalPool
@@ -157,41 +159,38 @@ class ActivationCache:
                  on_disk: bool) -> None:
         """One eval-mode pass; each boundary is written straight into its (memory or disk) array."""
         started = time.perf_counter()
-        write_dir = None
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        arrays = {}
-        for k, shape in shapes.items():
-            full = (len(self.order), *shape)
-            if on_disk:
-                arrays[k] = np.lib.format.open_memmap(write_dir / f"b{k}.npy", mode="w+", dtype=dtype, shape=full)
-            else:
-                arrays[k] = np.empty(full, dtype=dtype)
-        groups = self.backbone.groups
-        was_training = groups.training
-        groups.eval()
-        for start in range(0, len(self.order), self.batch_size):
-            rows = self.order[start:start + self.batch_size]
-            x = normalise(self.data.images[rows], self.backbone.mean, self.backbone.std)
-            for k in shapes:
-                x = groups[k - 1](x)
-                arrays[k][start:start + len(rows)] = x.numpy()
-        groups.train(was_training)
+        # Another worker may build the same cache at the same moment: the first complete copy wins (atomic.py).
+        staging = contextlib.nullcontext(None) if path is None else replacing_folder(path, keep_existing=True)
+        with staging as write_dir:
+            arrays = {}
+            for k, shape in shapes.items():
+                full = (len(self.order), *shape)
+                if on_disk:
+                    arrays[k] = np.lib.format.open_memmap(write_dir / f"b{k}.npy", mode="w+", dtype=dtype,
+                                                          shape=full)
+                else:
+                    arrays[k] = np.empty(full, dtype=dtype)
+            groups = self.backbone.groups
+            was_training = groups.training
+            groups.eval()
+            for start in range(0, len(self.order), self.batch_size):
+                rows = self.order[start:start + self.batch_size]
+                x = normalise(self.data.images[rows], self.backbone.mean, self.backbone.std)
+                for k in shapes:
+                    x = groups[k - 1](x)
+                    arrays[k][start:start + len(rows)] = x.numpy()
+            groups.train(was_training)
+            if write_dir is not None:
+                for k, a in arrays.items():
+                    a.flush() if on_disk else np.save(write_dir / f"b{k}.npy", a)
+                (write_dir / "meta.json").write_text(json.dumps({"key": self.key, "dtype": str(dtype),
+                                                                 "boundaries": sorted(shapes)}))
         self.seconds = time.perf_counter() - started
         self.storage = "disk" if on_disk else str(dtype)
-        if write_dir is not None:
-            for k, a in arrays.items():
-                a.flush() if on_disk else np.save(write_dir / f"b{k}.npy", a)
-            (write_dir / "meta.json").write_text(json.dumps({"key": self.key, "dtype": str(dtype),
-                                                             "boundaries": sorted(shapes)}))
-            try:
-                write_dir.rename(path)
-            except OSError:  # another worker finished first: its arrays are identical
-                shutil.rmtree(write_dir, ignore_errors=True)
-            if on_disk:
-                self._load(path, on_disk)
-                return
+        if on_disk:
+            del arrays  # the memory maps of the staging folder, which has been renamed (or removed)
+            self._load(path, on_disk)
+            return
         self._boundaries = {k: torch.from_numpy(a) for k, a in arrays.items()}
 
     def _load(self, path: Path, on_disk: bool) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import optuna
 
 from autotransfer import __version__
+from autotransfer.atomic import replacing_folder
 from autotransfer.backbones import Backbone
 from autotransfer.data import ImageData
 from autotransfer.defaults import DEFAULT_REFITS
@@ -51,7 +51,7 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     `precision` may add "fp16" / "int8": model.fp16.onnx / model.int8.onnx beside model.onnx, each checked on
     the test split against fp32 and recorded under metrics["variants"] (int8 is calibrated on training images).
 
-    Everything is written into a temporary sibling folder that replaces `dest` only when complete.
+    Everything is written into a temporary sibling folder that replaces `dest` only when complete (atomic.py).
     """
     data: ImageData = cache.data
     precisions = parse_precisions(precision)
@@ -78,10 +78,7 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
                 "val_accuracy": trial.value, "refits": refits, "trained_on": trained_on,
                 "autotransfer_version": __version__}
 
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replacing_folder(dest) as tmp:  # never leaves a half-written export behind
         export_onnx(model, tmp / "model.onnx", image_size=data.image_size, metadata=metadata)
         x_test, y_test = data.subset("test")
         x_test = normalise(x_test, backbone.mean, backbone.std)
@@ -98,11 +95,6 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
                                             "description": strategy.describe(backbone.group_names)})
         _write_json(tmp / "classes.json", list(data.classes))
         _write_json(tmp / "preprocess.json", preprocess)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written export behind
-        raise
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.replace(dest)
     return ExportResult(dest, metrics, retrained)
 
 

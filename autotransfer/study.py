@@ -20,20 +20,37 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from autotransfer.atomic import replacing_file
 from autotransfer.backbones import Backbone
-from autotransfer.budget import NOT_RUN_REASON, TWIN_REASON, count, earlier_twin, has_place, not_run, wait_for_slot
+from autotransfer.budget import (
+    FINISHED,
+    NOT_RUN_REASON,
+    TWIN_REASON,
+    count,
+    earlier_twin,
+    has_place,
+    not_run,
+    wait_for_slot,
+)
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.fidelity import REDUCTION, StepLadder
 from autotransfer.model import TransferModel, build_model
+from autotransfer.optuna_compat import finished_elsewhere, trial_by_number
 from autotransfer.prior import build_prior
-from autotransfer.storage import DEFAULT_HEARTBEAT, fail_lost_trials, open_storage, requeue
+from autotransfer.storage import (
+    DEFAULT_HEARTBEAT,
+    default_storage,  # noqa: F401 - re-exported: callers import it from here
+    fail_lost_trials,
+    open_storage,
+    requeue,
+    unopenable,
+)
 from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
 from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
 
 logger = logging.getLogger(__name__)
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 CHECKPOINTS = "checkpoints"
 # Errors that fail one trial and let the study go on: out-of-memory, torch runtime errors, and any other
 # exception raised inside a trial (its type and message land in `fail_reason` and the leaderboard). A bug
@@ -58,10 +75,6 @@ class StudyConfig:
     heartbeat: int = DEFAULT_HEARTBEAT  # seconds between heartbeats; a trial silent for 3 of them is retried
 
 
-def default_storage(out: Path) -> str:
-    return f"sqlite:///{(out / 'study.db').resolve()}"
-
-
 def open_study(config: StudyConfig, *, backbone: Backbone | None = None,
                data_fingerprint: str | None = None) -> optuna.Study:
     """Create or load the study; refuse to mix data sets or backbones under one name.
@@ -77,9 +90,7 @@ def open_study(config: StudyConfig, *, backbone: Backbone | None = None,
         study = optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize",
                                     sampler=sampler, load_if_exists=True)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy, drivers and Optuna each raise their own types
-        raise ConfigError(f"Storage URL {config.storage!r} cannot be opened ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]}); pass an Optuna storage URL such as "
-                          "sqlite:///study.db or postgresql://user:pass@host/db.") from None
+        raise unopenable(config.storage, e) from None
     if backbone is not None and data_fingerprint is not None:
         identity = {"backbone": backbone.name, "weights": backbone.weights_id, "data": data_fingerprint}
         stored = {k: study.user_attrs.get(k) for k in identity}
@@ -112,12 +123,9 @@ def checkpoint_path(out: Path, number: int) -> Path:
 
 def save_checkpoint(out: Path, number: int, result: TrialResult, strategy: Strategy) -> None:
     """Keep the weights of the best trial so far (and only those) for export."""
-    folder = out / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".trial_{number}.pt.tmp"
-    torch.save({"strategy": strategy.to_dict(), "state_dict": result.model.state_dict()}, tmp)
-    tmp.replace(checkpoint_path(out, number))
-    for old in folder.glob("trial_*.pt"):
+    with replacing_file(checkpoint_path(out, number)) as tmp:
+        torch.save({"strategy": strategy.to_dict(), "state_dict": result.model.state_dict()}, tmp)
+    for old in (out / CHECKPOINTS).glob("trial_*.pt"):
         if old.name != f"trial_{number}.pt":
             old.unlink(missing_ok=True)
 
@@ -239,15 +247,14 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
             try:
                 study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after_trial],
                                catch=_TRIAL_ERRORS, gc_after_trial=False)
-            except ValueError as e:  # another worker failed our trial as lost (late heartbeat): it was retried
-                if not str(e).startswith("Cannot tell a"):
+            except (ValueError, AssertionError) as e:  # another worker failed our trial as lost: it was retried
+                if not finished_elsewhere(e):
                     raise
                 logger.warning("A trial of this worker was taken over after a late heartbeat (%s); going on.", e)
             if deadline is not None and time.monotonic() >= deadline:
                 break
     except KeyboardInterrupt:
         for number in interrupted:
-            requeue(study, study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-                study._study_id, number)))
+            requeue(study, trial_by_number(study, number))
         raise
     return study

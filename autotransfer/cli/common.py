@@ -7,10 +7,7 @@ import argparse
 from pathlib import Path
 
 from autotransfer.defaults import DEVICES
-from autotransfer.errors import ConfigError
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+from autotransfer.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError  # noqa: F401 - re-exported for the commands
 
 
 class Parser(argparse.ArgumentParser):
