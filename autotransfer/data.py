@@ -188,6 +188,49 @@ def _fingerprint(images: torch.Tensor, labels: torch.Tensor, split: dict[str, to
     return h.hexdigest()[:16]
 
 
+def _read_source(source: str) -> tuple[str, list, list[str], list[str] | None, int | None]:
+    """(name, items, class names, given split per item or None, default image size or None) of a source."""
+    if source in EMBEDDED:
+        loader, size, _ = EMBEDDED[source]
+        items, names = loader()
+        return source, items, names, None, size
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"Data {source!r} is neither a folder, a CSV file nor an embedded data set "
+                        f"({', '.join(EMBEDDED)}); check the path or run `autotransfer datasets`.")
+    name = path.stem if path.is_file() else path.name
+    given_split = None
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"Data file {source!r} is not a .csv; pass a folder of class folders or a CSV "
+                            "with columns path,label.")
+        items, names = _read_csv(path)
+    elif (path / "train").is_dir() and (path / "val").is_dir():
+        items, names, given_split = [], [], []
+        for s in SPLITS:
+            if (path / s).is_dir():
+                i, n = _scan_class_folders(path / s)
+                items, names, given_split = items + i, names + n, given_split + [s] * len(i)
+    else:
+        items, names = _scan_class_folders(path)
+    _check_classes(source, names)
+    return name, items, names, given_split, None
+
+
+def _split_indices(label_ids: np.ndarray, classes: tuple[str, ...], given: list[str] | None,
+                   fractions: tuple[float, float, float], seed: int) -> dict[str, torch.Tensor]:
+    """The given train/val(/test) folders, a test split carved from train when there is none, or a fresh split."""
+    if given is not None:
+        idx = {s: np.flatnonzero(np.array(given) == s) for s in SPLITS}
+        if len(idx["test"]) == 0:  # no test folder: carve one out of train
+            inner = _stratified_split(label_ids[idx["train"]], classes, (0.85, 0.0, 0.15), seed)
+            idx["test"], idx["train"] = idx["train"][inner["test"]], idx["train"][np.concatenate(
+                [inner["train"], inner["val"]])]
+    else:
+        idx = _stratified_split(label_ids, classes, fractions, seed)
+    return {s: torch.from_numpy(np.sort(idx[s])) for s in SPLITS}
+
+
 def load_data(source: str = "digits", *, image_size: int | None = None, seed: int = 0,
               fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)) -> ImageData:
     """Load a data set by embedded name, folder or CSV, decode it and split it.
@@ -197,33 +240,8 @@ def load_data(source: str = "digits", *, image_size: int | None = None, seed: in
     """
     if image_size is not None and not 16 <= image_size <= 1024:
         raise DataError(f"--image-size must be between 16 and 1024 pixels, got {image_size}.")
-    given_split: list[str] | None = None
-    if source in EMBEDDED:
-        loader, size, _ = EMBEDDED[source]
-        items, names = loader()
-        name, image_size = source, image_size or size
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise DataError(f"Data {source!r} is neither a folder, a CSV file nor an embedded data set "
-                            f"({', '.join(EMBEDDED)}); check the path or run `autotransfer datasets`.")
-        name = path.stem if path.is_file() else path.name
-        if path.is_file():
-            if path.suffix.lower() != ".csv":
-                raise DataError(f"Data file {source!r} is not a .csv; pass a folder of class folders or a CSV "
-                                "with columns path,label.")
-            items, names = _read_csv(path)
-        elif (path / "train").is_dir() and (path / "val").is_dir():
-            items, names, given_split = [], [], []
-            for s in SPLITS:
-                if (path / s).is_dir():
-                    i, n = _scan_class_folders(path / s)
-                    items, names, given_split = items + i, names + n, given_split + [s] * len(i)
-        else:
-            items, names = _scan_class_folders(path)
-        _check_classes(source, names)
-        image_size = image_size or default_image_size(items)
-
+    name, items, names, given_split, embedded_size = _read_source(source)
+    image_size = image_size or embedded_size or default_image_size(items)
     with ThreadPoolExecutor(max_workers=4) as pool:
         decoded = list(pool.map(lambda it: _decode(it, image_size), items))
     keep = [i for i, d in enumerate(decoded) if d is not None]
@@ -235,17 +253,8 @@ def load_data(source: str = "digits", *, image_size: int | None = None, seed: in
     classes = _check_classes(source, names)
     images = torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
     label_ids = np.array([classes.index(n) for n in names], dtype=np.int64)
-
-    if given_split is not None:
-        splits = [given_split[i] for i in keep]
-        idx = {s: np.flatnonzero(np.array(splits) == s) for s in SPLITS}
-        if len(idx["test"]) == 0:  # no test folder: carve one out of train
-            inner = _stratified_split(label_ids[idx["train"]], classes, (0.85, 0.0, 0.15), seed)
-            idx["test"], idx["train"] = idx["train"][inner["test"]], idx["train"][np.concatenate(
-                [inner["train"], inner["val"]])]
-    else:
-        idx = _stratified_split(label_ids, classes, fractions, seed)
-    split = {s: torch.from_numpy(np.sort(idx[s])) for s in SPLITS}
+    split = _split_indices(label_ids, classes, None if given_split is None else [given_split[i] for i in keep],
+                           fractions, seed)
     labels = torch.from_numpy(label_ids)
     return ImageData(name=name, images=images, labels=labels, classes=classes, split=split,
                      fingerprint=_fingerprint(images, labels, split))

@@ -146,6 +146,32 @@ def score_groups(cache: ActivationCache) -> list[GroupScore]:
     return scores
 
 
+def _quadrant_strategy(size: str, similarity: str, scores: list[GroupScore], per_class: float, steps: int,
+                       seed: int) -> tuple[Strategy, str]:
+    """The textbook strategy of the quadrant, and why, in words."""
+    g, final = len(scores), scores[-1]
+    best = max(scores, key=lambda s: (s.probe_accuracy, s.logme))
+    probe = dict(head="linear", weight_decay=DEFAULT_PROBE_L2, seed=seed)
+    fine_tune = dict(head="linear", optimizer="sgd", lr=0.005, weight_decay=1e-4, steps=steps, seed=seed)
+    images = f"{per_class:.0f} training images per class"
+    gap = f"final features {final.probe_accuracy:.1%} vs {best.name} {best.probe_accuracy:.1%} (ridge probe, val)"
+    if size == "small" and similarity == "similar":
+        return Strategy(tap=g, freeze=g, pool="avg", **probe), (
+            f"{images} is small and the final features are as good as any ({gap}): a linear classifier on the "
+            "final features; fine-tuning risks over-fitting.")
+    if size == "small":
+        return Strategy(tap=best.group, freeze=best.group, pool="avgmax", **probe), (
+            f"{images} is small and earlier activations transfer better ({gap}): a linear classifier on "
+            f"{best.name}, whose features are less specific to the source task.")
+    if similarity == "similar":
+        return Strategy(tap=g, freeze=max(0, g - 2), pool="avg", lr_ratio=0.1, **fine_tune), (
+            f"{images} is enough to adapt and the final features fit ({gap}): fine-tune the upper groups after "
+            "a linear probe, 10x smaller LR below the head.")
+    return Strategy(tap=g, freeze=0, pool="avg", lr_ratio=0.01, **fine_tune), (
+        f"{images} is enough to retrain and the data differs from the source ({gap}): fine-tune every group "
+        "from the pretrained weights after a linear probe, 100x smaller LR at the bottom.")
+
+
 def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: int = 0) -> Prior:
     """Measure the data, place it in the quadrant, and derive the first trials and the narrowed space.
 
@@ -165,33 +191,14 @@ def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: i
     space = SearchSpace(num_groups=g, max_steps=steps, min_tap=min(kept), max_tap=max(kept), seed=seed)
 
     probe = dict(head="linear", weight_decay=DEFAULT_PROBE_L2, seed=seed)
-    fine_tune = dict(head="linear", optimizer="sgd", lr=0.005, weight_decay=1e-4, steps=steps, seed=seed)
-    adapt = dict(fine_tune, lr=0.02, bn="frozen")  # BatchNorm statistics kept
+    adapt = dict(head="linear", optimizer="sgd", lr=0.02, weight_decay=1e-4, bn="frozen", steps=steps, seed=seed)
     # The careful hand recipe: every group under the tap, AdamW, frozen BatchNorm statistics, label smoothing,
     # random shifts (no flips: they are wrong for digits and text).
     hand = dict(head="linear", optimizer="adamw", lr=1e-3, lr_ratio=0.1, weight_decay=1e-2, bn="frozen",
                 label_smoothing=0.1, augment="shift", steps=steps, seed=seed)
     textbook = Strategy(tap=g, freeze=g, pool="avg", **probe)
     best_probe = Strategy(tap=best.group, freeze=best.group, pool="avgmax", **probe)
-    per_class = f"{train_images / num_classes:.0f} training images per class"
-    gap = f"final features {final.probe_accuracy:.1%} vs {best.name} {best.probe_accuracy:.1%} (ridge probe, val)"
-    if size == "small" and similarity == "similar":
-        recommended = textbook
-        reason = f"{per_class} is small and the final features are as good as any ({gap}): a linear classifier " \
-                 "on the final features; fine-tuning risks over-fitting."
-    elif size == "small":
-        recommended = best_probe
-        reason = f"{per_class} is small and earlier activations transfer better ({gap}): a linear classifier on " \
-                 f"{best.name}, whose features are less specific to the source task."
-    elif similarity == "similar":
-        recommended = Strategy(tap=g, freeze=max(0, g - 2), pool="avg", lr_ratio=0.1, **fine_tune)
-        reason = f"{per_class} is enough to adapt and the final features fit ({gap}): fine-tune the upper " \
-                 "groups after a linear probe, 10x smaller LR below the head."
-    else:
-        recommended = Strategy(tap=g, freeze=0, pool="avg", lr_ratio=0.01, **fine_tune)
-        reason = f"{per_class} is enough to retrain and the data differs from the source ({gap}): fine-tune " \
-                 "every group from the pretrained weights after a linear probe, 100x smaller LR at the bottom."
-
+    recommended, reason = _quadrant_strategy(size, similarity, scores, train_images / num_classes, steps, seed)
     second = max((s for s in scores if s.group != best.group), key=lambda s: (s.probe_accuracy, s.logme))
     depth = min(2, best.group)
     candidates = [

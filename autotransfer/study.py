@@ -163,6 +163,72 @@ def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCach
     return prior.space
 
 
+class _Objective:
+    """One process's objective on a study: guards the shared budget, trains, keeps the best weights.
+
+    It also counts this process's real failures (`failures`) and the trials Ctrl-C interrupted (`interrupted`),
+    which `run_study` reads to stop and to requeue.
+    """
+
+    def __init__(self, study: optuna.Study, config: StudyConfig, space: SearchSpace, backbone: Backbone,
+                 cache: ActivationCache) -> None:
+        self.study, self.config, self.space, self.backbone, self.cache = study, config, space, backbone, cache
+        self.ladder = StepLadder(space.max_steps)
+        self.device = pick_device(config.device)
+        self.best = max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)
+        self.failures = 0
+        self.interrupted: list[int] = []
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if not has_place(self.study, trial, self.config.budget):
+            trial.set_user_attr("fail_reason", NOT_RUN_REASON)
+            self.study.stop()
+            raise _NotRun(NOT_RUN_REASON)
+        twin = earlier_twin(self.study, trial)
+        if twin is not None:
+            trial.set_user_attr("fail_reason", TWIN_REASON.format(twin))
+            raise _NotRun(TWIN_REASON.format(twin))
+        started = time.perf_counter()
+        try:
+            return self._train(trial)
+        except (_NotRun, optuna.TrialPruned):
+            raise
+        except _TRIAL_ERRORS as e:  # fails this trial alone (see `catch`)
+            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            raise
+        except KeyboardInterrupt:
+            self.interrupted.append(trial.number)
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+
+    def _train(self, trial: optuna.Trial) -> float:
+        strategy = suggest_strategy(trial, self.space)
+        trial.set_user_attr("strategy", strategy.to_dict())
+
+        def report(step: int, value: float) -> None:  # Optuna's step: optimizer steps of the fine-tune
+            trial.set_user_attr("steps_run", step)
+            trial.report(value, step)
+            if step < strategy.steps and trial.should_prune():  # the last step's result is complete: keep it
+                raise optuna.TrialPruned(f"val accuracy {value:.4f} after {step} steps")
+
+        try:
+            result = train_trial(strategy, self.backbone, self.cache, report=report, report_at=self.ladder.rungs,
+                                 device=self.device)
+        except TrainingDiverged as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise optuna.TrialPruned(str(e)) from None
+        trial.set_user_attr("steps_run", result.steps_run)
+        trial.set_user_attr("train_accuracy", result.train_accuracy)
+        best_now = best_trial(self.study)  # other workers' trials count too: keep only the study's best weights
+        self.best = max(self.best, best_now.value if best_now is not None else -math.inf)
+        if result.val_accuracy > self.best:
+            self.best = result.val_accuracy
+            save_checkpoint(self.config.out, trial.number, result, strategy)
+        return result.val_accuracy
+
+
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,
               on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
     """Run trials until the study has `budget` finished trials (or `timeout` passes).
@@ -174,75 +240,24 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
     """
     if study is None:
         study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
-    space = search_space(study, config, cache)
-    ladder = StepLadder(space.max_steps)
+    objective = _Objective(study, config, search_space(study, config, cache), backbone, cache)
     # Successive halving on the step ladder of fine-tuning (see `fidelity.py`): at each rung only the best third
     # of the trials that reached it go on. Head-only trials (an L-BFGS fit, about a second) report nothing.
-    study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=ladder.min_steps, reduction_factor=REDUCTION)
-    device = pick_device(config.device)
-    best = [max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)]
-    failures, interrupted = [0], []
-
-    def objective(trial: optuna.Trial) -> float:
-        if not has_place(study, trial, config.budget):
-            trial.set_user_attr("fail_reason", NOT_RUN_REASON)
-            study.stop()
-            raise _NotRun(NOT_RUN_REASON)
-        twin = earlier_twin(study, trial)
-        if twin is not None:
-            trial.set_user_attr("fail_reason", TWIN_REASON.format(twin))
-            raise _NotRun(TWIN_REASON.format(twin))
-        started = time.perf_counter()
-        try:
-            return _train(trial)
-        except (_NotRun, optuna.TrialPruned):
-            raise
-        except _TRIAL_ERRORS as e:  # fails this trial alone (see `catch`)
-            trial.set_user_attr("fail_reason", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            raise
-        except KeyboardInterrupt:
-            interrupted.append(trial.number)
-            trial.set_user_attr("fail_reason", "interrupted")
-            raise
-        finally:
-            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-
-    def _train(trial: optuna.Trial) -> float:
-        strategy = suggest_strategy(trial, space)
-        trial.set_user_attr("strategy", strategy.to_dict())
-
-        def report(step: int, value: float) -> None:  # Optuna's step: optimizer steps of the fine-tune
-            trial.set_user_attr("steps_run", step)
-            trial.report(value, step)
-            if step < strategy.steps and trial.should_prune():  # the last step's result is complete: keep it
-                raise optuna.TrialPruned(f"val accuracy {value:.4f} after {step} steps")
-
-        try:
-            result = train_trial(strategy, backbone, cache, report=report, report_at=ladder.rungs, device=device)
-        except TrainingDiverged as e:
-            trial.set_user_attr("fail_reason", str(e))
-            raise optuna.TrialPruned(str(e)) from None
-        trial.set_user_attr("steps_run", result.steps_run)
-        trial.set_user_attr("train_accuracy", result.train_accuracy)
-        best_now = best_trial(study)  # other workers' trials count too: keep only the study's best weights
-        best[0] = max(best[0], best_now.value if best_now is not None else -math.inf)
-        if result.val_accuracy > best[0]:
-            best[0] = result.val_accuracy
-            save_checkpoint(config.out, trial.number, result, strategy)
-        return result.val_accuracy
+    study.pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=objective.ladder.min_steps,
+                                                          reduction_factor=REDUCTION)
 
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.FAIL and not not_run(trial):
-            failures[0] += 1
+            objective.failures += 1
         if on_trial is not None:
             on_trial(study, trial)
         fail_lost_trials(study)
-        if not count(study).slot_free(config.budget) or failures[0] >= config.budget:
+        if not count(study).slot_free(config.budget) or objective.failures >= config.budget:
             study.stop()
 
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     try:
-        while failures[0] < config.budget and wait_for_slot(study, config.budget, deadline=deadline):
+        while objective.failures < config.budget and wait_for_slot(study, config.budget, deadline=deadline):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after_trial],
@@ -254,7 +269,7 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
             if deadline is not None and time.monotonic() >= deadline:
                 break
     except KeyboardInterrupt:
-        for number in interrupted:
+        for number in objective.interrupted:
             requeue(study, trial_by_number(study, number))
         raise
     return study

@@ -209,6 +209,20 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time)
 
 
+def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callable[[], None]):
+    """`steps` index batches of BATCH_SIZE, epoch after epoch of fresh permutations; `on_epoch` at each start.
+
+    An epoch ends early rather than yield a single example (BatchNorm cannot train on one).
+    """
+    order, position = torch.empty(0, dtype=torch.long), 0
+    for _ in range(steps):
+        if position + 2 > len(order):
+            order, position = torch.randperm(n, generator=generator), 0
+            on_epoch()
+        yield order[position:position + BATCH_SIZE]
+        position += BATCH_SIZE
+
+
 def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
                report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float) -> TrialResult:
     """`s.steps` optimizer steps from the fitted head; reports validation accuracy at `report_at` and at the end."""
@@ -239,13 +253,8 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
         return value
 
     history: list[tuple[int, float]] = []
-    step, order, position = 0, torch.empty(0, dtype=torch.long), 0
-    while step < s.steps:
-        if position + 2 > len(order):  # a new epoch (BatchNorm cannot train on a single example)
-            order, position = torch.randperm(len(x_train), generator=generator), 0
-            _set_train_mode(model, s)
-        idx = order[position:position + BATCH_SIZE]
-        position += BATCH_SIZE
+    step = 0
+    for idx in _batches(len(x_train), s.steps, generator, on_epoch=lambda: _set_train_mode(model, s)):
         batch = x_train[idx]
         if augment is not None:
             batch = augment_batch(batch, augment)

@@ -16,8 +16,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "digits"
-    proc = subprocess.run([sys.executable, "-m", "autotransfer", "search", "--budget", "10", "--out", str(out)],
-                          capture_output=True, text=True, timeout=1800)
+    # 60-step fine-tunes (the default ladder gives digits 300): the real weights and CLI, at a CI-sized cost
+    proc = subprocess.run([sys.executable, "-m", "autotransfer", "search", "--budget", "10", "--max-steps", "60",
+                           "--out", str(out)], capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out, proc.stdout
 
@@ -58,7 +59,8 @@ def check_export_and_first_trial(out):
 
 def test_rerun_continues_the_study_to_the_new_budget(search_run):
     out, _ = search_run
-    proc = subprocess.run([sys.executable, "-m", "autotransfer", "search", "--budget", "11", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "autotransfer", "search", "--budget", "11", "--max-steps", "60",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     board = pd.read_csv(out / "leaderboard.csv")

@@ -83,39 +83,17 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     from tqdm.auto import tqdm
 
     from autotransfer.device import threads_per_worker
-    from autotransfer.fidelity import BATCH_SIZE, StepLadder
     from autotransfer.pipeline import finish_study
-    from autotransfer.report import leaderboard, to_markdown, trial_line, write_leaderboard
+    from autotransfer.report import leaderboard, trial_line, write_leaderboard
     from autotransfer.studies import record_source
-    from autotransfer.study import (
-        FINISHED,
-        best_trial,
-        default_storage,
-        finished_trials,
-        open_study,
-        run_study,
-        search_space,
-    )
+    from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study
     from autotransfer.workers import diversify_sampler, run_workers
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
     if source is not None:  # lets `export` rebuild the inputs of any trial and `report` name the groups
         record_source(study, **source)
     data = cache.data
-    print(f"autotransfer {__version__}: {data.name} ({len(data.labels)} images, {len(data.classes)} classes, "
-          f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
-          f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
-    print(f"study {config.study_name!r} in {config.storage}")
-    space = search_space(study, config, cache)
-    ladder = StepLadder(space.max_steps)
-    cache.boundary(1)  # load (or compute and persist) now: the line below reports it, and workers load it
-    prior = study.user_attrs.get("prior", {})
-    low, high = space.tap_range
-    print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
-          f" ({cache.nbytes / 2**20:.0f} MiB{f', forward pass {cache.seconds:.1f}s' if cache.seconds else ''})")
-    names = backbone.group_names
-    print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}; fine-tunes run "
-          f"{space.max_steps} steps of {BATCH_SIZE} images, pruned at steps {', '.join(map(str, ladder.rungs[:-1]))}")
+    _print_setting(study, config, backbone, cache)
     bar = tqdm(total=config.budget, initial=min(config.budget, finished_trials(study)), unit="trial",
                dynamic_ncols=True, file=sys.stdout, disable=True if workers > 1 else None)  # None: only on a tty
 
@@ -149,6 +127,37 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
         print(f"training the best strategy (trial {best.number}) {refits} time(s) on train+val for the export",
               flush=True)
     result = finish_study(study, config, backbone, cache, precision=precision, refits=refits)
+    _print_summary(study, config, result)
+    return 0
+
+
+def _print_setting(study, config, backbone, cache) -> None:
+    """The data, the study, the activation cache and the prior's space, before the first trial."""
+    from autotransfer.fidelity import BATCH_SIZE, StepLadder
+    from autotransfer.study import search_space
+
+    data = cache.data
+    print(f"autotransfer {__version__}: {data.name} ({len(data.labels)} images, {len(data.classes)} classes, "
+          f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
+          f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
+    print(f"study {config.study_name!r} in {config.storage}")
+    space = search_space(study, config, cache)
+    ladder = StepLadder(space.max_steps)
+    cache.boundary(1)  # load (or compute and persist) now: the line below reports it, and workers load it
+    prior = study.user_attrs.get("prior", {})
+    low, high = space.tap_range
+    print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
+          f" ({cache.nbytes / 2**20:.0f} MiB{f', forward pass {cache.seconds:.1f}s' if cache.seconds else ''})")
+    names = backbone.group_names
+    print(f"prior: {prior.get('quadrant', '?')}; taps {names[low - 1]}..{names[high - 1]}; fine-tunes run "
+          f"{space.max_steps} steps of {BATCH_SIZE} images, pruned at steps {', '.join(map(str, ladder.rungs[:-1]))}")
+
+
+def _print_summary(study, config, result) -> None:
+    """The top of the leaderboard, the exported model's figures, and where everything is."""
+    from autotransfer.report import leaderboard, to_markdown
+    from autotransfer.study import default_storage
+
     board = leaderboard(study)
     cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
             "lr_ratio", "augment", "steps_run", "seconds"]
@@ -162,4 +171,3 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
     storage = "" if config.storage == default_storage(config.out) else f" --storage {config.storage}"
     print(f"plots and report.html: autotransfer report --study-name {config.study_name} --out {config.out}{storage}")
-    return 0
