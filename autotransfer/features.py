@@ -48,20 +48,6 @@ def cache_key(backbone: Backbone, data: ImageData) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def parse_size(text: str) -> int:
-    """'4G', '512M', '1.5GB' or a plain number of bytes -> bytes."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
-    number = t[:-1] if scale > 1 else t
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (use e.g. 4G or 512M)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive, got {text!r}")
-    return int(value)
-
-
 class ActivationCache:
     """Activations at boundaries 1..G for all images of `data`, computed once in eval mode.
 

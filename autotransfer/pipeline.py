@@ -14,6 +14,7 @@ import optuna
 from autotransfer import __version__
 from autotransfer.atomic import replacing_folder
 from autotransfer.backbones import Backbone
+from autotransfer.checkpoints import load_trial_model
 from autotransfer.data import ImageData
 from autotransfer.defaults import DEFAULT_REFITS
 from autotransfer.device import pick_device
@@ -24,7 +25,7 @@ from autotransfer.precision import CALIBRATION_IMAGES, check_variant, make_varia
 from autotransfer.refit import refit
 from autotransfer.report import leaderboard, write_leaderboard
 from autotransfer.strategy import Strategy
-from autotransfer.study import StudyConfig, best_trial, load_trial_model
+from autotransfer.study import StudyConfig, best_trial
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ CPU deployment option. Both keep the fp32 model's input/output names, float32 I/
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -39,13 +38,6 @@ def parse_precisions(values: Iterable[str] | None) -> tuple[str, ...]:
                                   "(repeat --precision or separate with commas, e.g. --precision fp16,int8).")
             found.add(item or "fp32")
     return tuple(p for p in PRECISIONS if p in found)
-
-
-def add_precision_argument(parser: argparse.ArgumentParser) -> None:
-    """`--precision fp32|fp16|int8` (repeatable, comma-separated); parse the result with `parse_precisions`."""
-    parser.add_argument("--precision", action="append", default=None, metavar="fp32|fp16|int8",
-                        help="also write model.fp16.onnx / model.int8.onnx, each checked against fp32 on the test "
-                             "split (repeat or comma-separate; default: fp32 only)")
 
 
 class _Calibration:

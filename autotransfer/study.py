@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-import torch
 from optuna.trial import TrialState
 
-from autotransfer.atomic import replacing_file
 from autotransfer.backbones import Backbone
 from autotransfer.budget import (
     FINISHED,
@@ -32,11 +30,11 @@ from autotransfer.budget import (
     not_run,
     wait_for_slot,
 )
+from autotransfer.checkpoints import load_trial_model, save_checkpoint  # noqa: F401 - load_trial_model re-exported
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.fidelity import REDUCTION, StepLadder
-from autotransfer.model import TransferModel, build_model
 from autotransfer.optuna_compat import finished_elsewhere, trial_by_number
 from autotransfer.prior import build_prior
 from autotransfer.storage import (
@@ -47,11 +45,10 @@ from autotransfer.storage import (
     requeue,
     unopenable,
 )
-from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest_strategy
-from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
+from autotransfer.strategy import SearchSpace, enqueue_params, suggest_strategy
+from autotransfer.trainer import TrainingDiverged, train_trial
 
 logger = logging.getLogger(__name__)
-CHECKPOINTS = "checkpoints"
 # Errors that fail one trial and let the study go on: out-of-memory, torch runtime errors, and any other
 # exception raised inside a trial (its type and message land in `fail_reason` and the leaderboard). A bug
 # that fails every trial still shows: the study gives up after `budget` failures and nothing is exported.
@@ -115,34 +112,6 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     """
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return min(complete, key=lambda t: (-t.value, t.number)) if complete else None
-
-
-def checkpoint_path(out: Path, number: int) -> Path:
-    return out / CHECKPOINTS / f"trial_{number}.pt"
-
-
-def save_checkpoint(out: Path, number: int, result: TrialResult, strategy: Strategy) -> None:
-    """Keep the weights of the best trial so far (and only those) for export."""
-    with replacing_file(checkpoint_path(out, number)) as tmp:
-        torch.save({"strategy": strategy.to_dict(), "state_dict": result.model.state_dict()}, tmp)
-    for old in (out / CHECKPOINTS).glob("trial_*.pt"):
-        if old.name != f"trial_{number}.pt":
-            old.unlink(missing_ok=True)
-
-
-def load_trial_model(study: optuna.Study, number: int, backbone: Backbone, cache: ActivationCache,
-                     out: Path) -> tuple[TransferModel, bool]:
-    """The trained model of trial `number`: from its checkpoint, or retrained from its stored strategy.
-
-    Returns (model, retrained). Retraining is exact: same strategy, same seed, same cached inputs.
-    """
-    strategy = Strategy.from_dict(study.trials[number].user_attrs["strategy"])
-    path = checkpoint_path(out, number)
-    if path.is_file():
-        model = build_model(strategy, backbone, len(cache.data.classes))
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-        return model.eval(), False
-    return train_trial(strategy, backbone, cache).model, True
 
 
 def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCache) -> SearchSpace:

@@ -216,8 +216,9 @@ def test_exit_codes_are_one_set():
     import autotransfer.cli.common as common
     import autotransfer.errors as errors
 
-    # cli/common.py still defines its own pair (to be re-exported from errors.py): they must not drift apart.
-    assert (common.EXIT_USAGE, common.EXIT_INTERRUPTED) == (errors.EXIT_USAGE, errors.EXIT_INTERRUPTED) == (2, 130)
+    # cli/common.py re-exports errors.py's pair: they must be the same objects, never a drifting copy.
+    assert common.EXIT_USAGE is errors.EXIT_USAGE and common.EXIT_INTERRUPTED is errors.EXIT_INTERRUPTED
+    assert (errors.EXIT_USAGE, errors.EXIT_INTERRUPTED) == (2, 130)
 
 
 def test_listing_commands(capsys):

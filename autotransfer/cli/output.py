@@ -1,14 +1,11 @@
 """What the commands print about an export: one summary line, a line per fp16/int8 variant, the model's path.
 
-`print_export` is the whole block; `search` prints the same first line after "best: trial N" (its copy in
-cli/search.py is to switch to this module).
+`print_export` is the whole block; `search` prints `export_line` after "best: trial N".
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from autotransfer.cli.common import describe_training, print_variants
 
 
 def export_line(metrics: dict) -> str:
@@ -23,3 +20,22 @@ def print_export(label: str, metrics: dict, folder: Path) -> None:
     print(f"{label}: {export_line(metrics)}")
     print_variants(metrics)
     print(f"model: {folder / 'model.onnx'}")
+
+
+def describe_training(metrics: dict) -> str:
+    """How an exported model was trained, for the summary line."""
+    refits = metrics.get("refits", 0)
+    if metrics.get("refit_fallback"):
+        return (f"\nrefit on train+val rejected ({metrics['refit_fallback']}); shipped the searched trial's own "
+                "model, trained on train")
+    if refits:
+        return f"  ({refits} refit{'s' if refits > 1 else ''} on train+val)"
+    return "  (retrained from its strategy)" if metrics.get("retrained") else ""
+
+
+def print_variants(metrics: dict) -> None:
+    """One line per fp16/int8 variant in an export's metrics; a degraded one says so."""
+    for p, v in metrics.get("variants", {}).items():
+        flag = f"  DEGRADED: loses {100 * v['accuracy_drop']:.1f} points (> 1)" if v["degraded"] else ""
+        print(f"{p}: {v['file']}  test {v['test_accuracy']:.4f}  top-1 agreement with fp32 "
+              f"{v['top1_agreement']:.4f}  {v['size_bytes'] / 1e6:.1f} MB{flag}")

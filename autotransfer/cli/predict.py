@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from autotransfer.cli.common import Command, int_at_least
+from autotransfer.cli.arguments import int_at_least
+from autotransfer.cli.common import Command
 
 
 class Predict(Command):

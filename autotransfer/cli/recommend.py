@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autotransfer.cli.common import Command, add_data_arguments, add_max_steps_argument, prepare
+from autotransfer.cli.arguments import add_data_arguments, add_max_steps_argument
+from autotransfer.cli.common import Command, prepare
 
 
 class Recommend(Command):

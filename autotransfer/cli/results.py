@@ -7,11 +7,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from autotransfer.cli.common import Command, add_refit_argument, add_study_arguments, int_at_least, writable
+from autotransfer.cli.arguments import add_precision_argument, add_refit_argument, add_study_arguments, int_at_least
+from autotransfer.cli.common import Command, writable
 from autotransfer.cli.output import print_export
 from autotransfer.defaults import DEVICES
 from autotransfer.errors import ConfigError
-from autotransfer.precision import add_precision_argument, parse_precisions
+from autotransfer.precision import parse_precisions
 
 
 class WriteReport(Command):
@@ -84,10 +85,11 @@ class Export(Command):
     def run(self, args: argparse.Namespace) -> int:
         from optuna.trial import TrialState
 
+        from autotransfer.checkpoints import checkpoint_path
         from autotransfer.features import ActivationCache
         from autotransfer.pipeline import export_trial
         from autotransfer.studies import load_inputs, locate, open_existing
-        from autotransfer.study import best_trial, checkpoint_path
+        from autotransfer.study import best_trial
 
         name, storage, out = locate(args.study_name, args.storage, args.out)
         study = open_existing(name, storage)

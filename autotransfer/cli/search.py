@@ -8,20 +8,18 @@ import sys
 from pathlib import Path
 
 from autotransfer import __version__
-from autotransfer.cli.common import (
-    EXIT_INTERRUPTED,
-    Command,
+from autotransfer.cli.arguments import (
     add_data_arguments,
     add_max_steps_argument,
+    add_precision_argument,
     add_refit_argument,
-    describe_training,
     int_at_least,
-    prepare,
-    print_variants,
 )
+from autotransfer.cli.common import Command, prepare
+from autotransfer.cli.output import export_line, print_variants
 from autotransfer.defaults import DEFAULT_REFITS
-from autotransfer.errors import AutotransferError
-from autotransfer.precision import add_precision_argument, parse_precisions
+from autotransfer.errors import EXIT_INTERRUPTED, AutotransferError
+from autotransfer.precision import parse_precisions
 
 
 class Search(Command):
@@ -164,8 +162,7 @@ def _print_summary(study, config, result) -> None:
     print("\nTop 10 strategies:")
     print(to_markdown(board[cols].head(10)))
     m = result.metrics
-    print(f"\nbest: trial {m['trial']}  val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, "
-          f"{m['test_images']} images)  max |onnx - torch| {m['onnx_max_abs_diff']:.1e}{describe_training(m)}")
+    print(f"\nbest: trial {m['trial']}  {export_line(m)}")
     print_variants(m)
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")

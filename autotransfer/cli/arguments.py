@@ -1,0 +1,89 @@
+"""Flags and argument types shared by the commands: every bad value fails in one line that names the fix."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from autotransfer.defaults import DEFAULT_REFITS, DEVICES
+
+
+def int_at_least(name: str, example: int, minimum: int = 1):
+    """An argparse type for a count of at least `minimum`; the error shows `example` as a sensible value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be at least {minimum}, got {value}; e.g. {name} {example}")
+        return value
+
+    return parse
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '1.5GB' or a plain number of bytes -> bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(t[-1:], 1)
+    number = t[:-1] if scale > 1 else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4G or 512M)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
+def size_argument(name: str):
+    def parse(text: str) -> int:
+        try:
+            return parse_size(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{name}: {e}") from None
+
+    return parse
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by the commands that read data through a backbone (search, recommend)."""
+    parser.add_argument("--image-size", type=int_at_least("--image-size", 64), default=None,
+                        help="input size in pixels (default: per data set, 64 for digits)")
+    parser.add_argument("--cache-memory", type=size_argument("--cache-memory"), default="4G",
+                        help="memory for cached activations; beyond it float16, then memory-mapped disk "
+                             "(default: 4G)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where trials train; cuda uses bf16 autocast (default: auto)")
+
+
+def add_refit_argument(parser: argparse.ArgumentParser) -> None:
+    """`--refit N`: how the exported model is trained (see `autotransfer.refit`)."""
+    parser.add_argument("--refit", type=int_at_least("--refit", DEFAULT_REFITS, minimum=0), default=DEFAULT_REFITS,
+                        metavar="N", help="train the chosen strategy N times on train+val (seeds seed..seed+N-1) and "
+                                          "export the average of their probabilities; 0 exports the trial as "
+                                          f"searched, trained on train only (default: {DEFAULT_REFITS})")
+
+
+def add_max_steps_argument(parser: argparse.ArgumentParser) -> None:
+    """`--max-steps N`: a fine-tune's optimizer steps, instead of the data-derived ladder (see `fidelity.py`)."""
+    parser.add_argument("--max-steps", type=int_at_least("--max-steps", 300), default=None, metavar="N",
+                        help="optimizer steps of a fine-tuning trial (default: from the training set size: at "
+                             "least 300 steps of 32 images and 3 epochs, at most 50 epochs)")
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that find an existing study, with `search`'s defaults (studies/<name>/study.db)."""
+    parser.add_argument("--study-name", default=None,
+                        help="default: the storage's only study, else 'digits' (search's default)")
+    parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
+    parser.add_argument("--out", type=Path, default=None, help="the study's output folder "
+                        "(default: studies/<study-name>, as for search)")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """`--precision fp32|fp16|int8` (repeatable, comma-separated); parse the result with `parse_precisions`."""
+    parser.add_argument("--precision", action="append", default=None, metavar="fp32|fp16|int8",
+                        help="also write model.fp16.onnx / model.int8.onnx, each checked against fp32 on the test "
+                             "split (repeat or comma-separate; default: fp32 only)")
