@@ -113,13 +113,13 @@ class SearchSpace:
     num_groups: int  # G: the backbone's groups
     max_steps: int = MIN_STEPS  # optimizer steps of every fine-tune; the pruner stops most of them early
     min_tap: int = 1
-    max_tap: int = 0  # 0: num_groups
+    max_tap: int | None = None  # None: num_groups
     max_trainable: int | None = None  # most groups a trial fine-tunes; None: any number
     seed: int = 0
 
     @property
     def tap_range(self) -> tuple[int, int]:
-        return self.min_tap, self.max_tap or self.num_groups
+        return self.min_tap, self.num_groups if self.max_tap is None else self.max_tap
 
     @property
     def max_trainable_groups(self) -> int:

@@ -104,8 +104,12 @@ def test_a_warm_cache_gives_the_same_result_as_the_cold_pass(tiny, digits16, tmp
     b = train_trial(s, tiny, warm)
     assert warm.loaded_from_disk and warm.storage == storage
     assert b.history == a.history and b.val_accuracy == a.val_accuracy
+    if storage == "float16":
+        assert cold.nbytes <= memory_limit < 2 * cold.nbytes, "float16 because float32 would not fit"
+    if storage == "disk":
+        assert cold.nbytes > memory_limit, "memory-mapped because even float16 would not fit"
+        assert sum(f.stat().st_size for f in tmp_path.glob("*/b*.npy")) >= cold.nbytes, "the arrays live on disk"
     if storage != "float32":
-        assert cold.nbytes <= memory_limit or storage == "disk"
         assert warm.boundary(1).dtype == torch.float16
 
 
