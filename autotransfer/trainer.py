@@ -193,9 +193,8 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     device = torch.device(device)
     torch.manual_seed(s.seed)
     model = build_model(s, backbone, len(cache.data.classes)).to(device, memory_format=torch.channels_last)
-    one_thread = threads(1) if device.type == "cpu" else contextlib.nullcontext()  # tiny full-batch products
-    with one_thread:
-        x_fit, y_fit = _pooled(model, cache, fit_split, use_cache, device)
+    x_fit, y_fit = _pooled(model, cache, fit_split, use_cache, device)
+    with threads(1) if device.type == "cpu" else contextlib.nullcontext():  # tiny full-batch matrix products
         fit_head(model.head, x_fit.to(device), y_fit.to(device), s,
                  l2=None if not s.trains_backbone else DEFAULT_PROBE_L2)
     if not s.trains_backbone:
