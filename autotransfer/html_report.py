@@ -45,7 +45,9 @@ class ReportFiles:
 def _refit_note(test: dict[str, Any]) -> str:
     """The exported model is not the trial's own when it was refit on train+val (see `refit.py`)."""
     n = test.get("refits", 0)
-    return f"; the strategy refit {n} time{'s' if n > 1 else ''} on train+val, averaged" if n else ""
+    if n == 1:
+        return "; the strategy refit once on train+val"
+    return f"; the strategy refit {n} times on train+val, averaged" if n else ""
 
 
 def _test_metrics(out: Path, number: int) -> tuple[dict[str, Any] | None, Path | None]:

@@ -65,9 +65,9 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         outcome = refit(strategy, backbone, cache, members=refits, device=pick_device(device),
                         reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
         model, retrained, fallback = outcome.model, False, outcome.failure
+        refits = len(outcome.seeds)  # the members shipped: one for a seed-independent strategy, 0 on a fallback
     if not refits or fallback is not None:  # a refit that cannot be trusted ships the searched trial's own model
         model, retrained = load_trial_model(study, number, backbone, cache, study_out)
-    refits = refits if fallback is None else 0
     trained_on = TRAIN_AND_VAL if refits else "train"
     preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
                   "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),

@@ -89,9 +89,16 @@ def _check(result: TrialResult, reference: float | None) -> str | None:
     return None
 
 
+def member_count(strategy: Strategy, requested: int) -> int:
+    """Members a refit trains: one for a seed-independent strategy (every seed trains the same weights)."""
+    return min(requested, 1) if strategy.seed_independent else requested
+
+
 def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, members: int = DEFAULT_REFITS,
           device: torch.device | str = "cpu", reference_train_accuracy: float | None = None) -> RefitOutcome:
     """Train `strategy` on train+val with seeds seed, seed+1, ...; one member is returned as is.
+
+    A seed-independent strategy (`Strategy.seed_independent`) is trained once, whatever `members` says.
 
     Each member is checked (finite loss; accuracy on its training data at least the searched trial's
     `reference_train_accuracy` minus a tolerance). A failing member is retrained with the next unused seed,
@@ -99,6 +106,7 @@ def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, mem
     """
     if members < 1:
         raise ValueError(f"members must be >= 1, got {members}")
+    members = member_count(strategy, members)
     schedule = refit_schedule(strategy, cache)
     models, seeds, rejected = [], [], []
     for seed in range(strategy.seed, strategy.seed + 2 * members):

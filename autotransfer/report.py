@@ -3,7 +3,8 @@ one-line summary of a trial that `search` and its workers print as trials finish
 
 Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
 number), `state` (complete, pruned, fail, running), `val_accuracy` (the objective value; for pruned and
-running trials the last reported one), one column per `Strategy` field (tap, freeze, pool, head, ..., seed),
+running trials the last reported one), `val_margin` (the tie-break among equal accuracies, see
+`calibration.py`), one column per `Strategy` field (tap, freeze, pool, head, ..., seed),
 `steps_run` (optimizer steps of a fine-tune; 0 for a head fitted to convergence), `pruned_at` (steps run when
 pruned, empty otherwise), `seconds`, `note` (why it failed).
 """
@@ -22,7 +23,8 @@ from autotransfer.strategy import Strategy
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
 # Whole-number fields stay whole numbers (nullable) even when a failed trial has no strategy.
 _INT_COLUMNS = {f.name: "Int64" for f in Strategy.__dataclass_fields__.values() if f.type in ("int", int)}
-COLUMNS = ["rank", "trial", "state", "val_accuracy", *STRATEGY_COLUMNS, "steps_run", "pruned_at", "seconds", "note"]
+COLUMNS = ["rank", "trial", "state", "val_accuracy", "val_margin", *STRATEGY_COLUMNS, "steps_run", "pruned_at",
+           "seconds", "note"]
 TABLE_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "leaderboard.parquet", "leaderboard.json")
 
 
@@ -32,6 +34,7 @@ def _row(t: optuna.trial.FrozenTrial) -> dict:
     note = t.user_attrs.get("fail_reason") or ""
     steps = t.user_attrs.get("steps_run")
     return {"trial": t.number, "state": t.state.name.lower(), "val_accuracy": value,
+            "val_margin": t.user_attrs.get("val_margin"),
             **t.user_attrs.get("strategy", {}), "steps_run": steps,
             "pruned_at": steps if t.state == optuna.trial.TrialState.PRUNED else None,
             "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""}
@@ -54,7 +57,8 @@ def trial_line(trial: optuna.trial.FrozenTrial, backbone, best: optuna.trial.Fro
 def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.DataFrame:
     """One row per trial, best first, with the columns in `COLUMNS` (see the module docstring).
 
-    Complete trials are ranked by validation accuracy (ties: earlier trial first); pruned, failed and
+    Complete trials are ranked as `study.best_trial` ranks them (accuracy, then margin, then the earlier
+    trial); pruned, failed and
     running trials follow, unranked. `study` is an Optuna study or a study name, which is looked up like
     `autotransfer report` does (default storage `studies/<name>/study.db`).
 
@@ -68,11 +72,12 @@ def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.Dat
         study, _ = load(study, storage)
     rows = [_row(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
-    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "steps_run": "Int64",
-                    "pruned_at": "Int64", "seconds": "float64"})
+    df = df.astype({"trial": "int64", "val_accuracy": "float64", "val_margin": "float64", **_INT_COLUMNS,
+                    "steps_run": "Int64", "pruned_at": "Int64", "seconds": "float64"})
     complete = df["state"] == "complete"
     df["_order"] = (~complete).astype(int)
-    df = df.sort_values(["_order", "val_accuracy", "trial"], ascending=[True, False, True], na_position="last")
+    df = df.sort_values(["_order", "val_accuracy", "val_margin", "trial"], ascending=[True, False, False, True],
+                        na_position="last")
     df = df.drop(columns="_order").reset_index(drop=True)
     df.insert(0, "rank", pd.array([i + 1 if c else pd.NA for i, c in enumerate(df["state"] == "complete")],
                                   dtype="Int64"))

@@ -79,6 +79,11 @@ class Strategy:
     def trains_backbone(self) -> bool:
         return self.freeze < self.tap
 
+    @property
+    def seed_independent(self) -> bool:
+        """A linear or SVM head on frozen features: a convex fit from zero, the same model whatever the seed."""
+        return not self.trains_backbone and self.head in ("linear", "svm")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -105,13 +105,24 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """Highest validation accuracy among complete trials; ties go to the earlier (simpler, enqueued) trial.
+def rank_key(trial: optuna.trial.FrozenTrial) -> tuple[float, float, int]:
+    """Sort key of complete trials, best first: accuracy, then validation margin, then the earlier trial.
 
-    Optuna's own `best_trial` leaves the order of ties to the storage backend.
+    On few-shot data dozens of trials classify every validation image correctly; the margin
+    (`calibration.py`) still tells them apart. Trials recorded without one rank after those with one.
     """
+    return -_value(trial), -trial.user_attrs.get("val_margin", -math.inf), trial.number
+
+
+def _value(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.value if trial.value is not None else -math.inf
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The first complete trial by `rank_key` (Optuna's own `best_trial` ignores the tie-break and leaves the
+    order of ties to the storage backend)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda t: (-t.value, t.number)) if complete else None
+    return min(complete, key=rank_key) if complete else None
 
 
 def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCache) -> SearchSpace:
@@ -144,7 +155,8 @@ class _Objective:
         self.study, self.config, self.space, self.backbone, self.cache = study, config, space, backbone, cache
         self.ladder = StepLadder(space.max_steps)
         self.device = pick_device(config.device)
-        self.best = max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)
+        best = best_trial(study)
+        self.best = (-math.inf, -math.inf) if best is None else _score_of(best)
         self.failures = 0
         self.interrupted: list[int] = []
 
@@ -190,12 +202,18 @@ class _Objective:
             raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("steps_run", result.steps_run)
         trial.set_user_attr("train_accuracy", result.train_accuracy)
+        trial.set_user_attr("val_margin", result.val_margin)
         best_now = best_trial(self.study)  # other workers' trials count too: keep only the study's best weights
-        self.best = max(self.best, best_now.value if best_now is not None else -math.inf)
-        if result.val_accuracy > self.best:
-            self.best = result.val_accuracy
+        self.best = max(self.best, _score_of(best_now) if best_now is not None else self.best)
+        if (result.val_accuracy, result.val_margin) > self.best:
+            self.best = (result.val_accuracy, result.val_margin)
             save_checkpoint(self.config.out, trial.number, result, strategy)
         return result.val_accuracy
+
+
+def _score_of(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """(accuracy, margin) of a complete trial, comparable with a new trial's, larger is better."""
+    return _value(trial), trial.user_attrs.get("val_margin", -math.inf)
 
 
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,

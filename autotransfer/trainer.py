@@ -22,6 +22,7 @@ from torch import nn
 
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
+from autotransfer.calibration import validation_margin
 from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import ActivationCache
@@ -41,6 +42,7 @@ class TrainingDiverged(AutotransferError):
 @dataclass
 class TrialResult:
     val_accuracy: float
+    val_margin: float  # the tie-break among equal accuracies (see `calibration.py`)
     train_accuracy: float  # on the data it was fitted to, without augmentation (refits are checked against it)
     steps_run: int  # optimizer steps of a fine-tune; 0 for a head fitted by L-BFGS
     seconds: float
@@ -91,16 +93,30 @@ def _optimizer(groups: list[dict], strategy: Strategy) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
-def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-             cache: ActivationCache, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
-    """Top-1 accuracy of `forward` on stored rows `x` of `cache` (any boundary, any stored dtype)."""
-    correct = 0
+def predict_logits(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cache: ActivationCache,
+                   device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """float32 logits of `forward` on stored rows `x` of `cache` (any boundary, any stored dtype), on the CPU."""
     device = torch.device(device)
+    chunks = []
     for i in range(0, len(x), batch_size):
         with autocast(device):
-            logits = forward(_to_input(x[i:i + batch_size], device, cache))
-        correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
-    return correct / max(1, len(x))
+            chunks.append(forward(_to_input(x[i:i + batch_size], device, cache)).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+
+def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             cache: ActivationCache, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
+    """Top-1 accuracy of `forward` on stored rows `x` of `cache`."""
+    if len(x) == 0:
+        return 0.0
+    return float((predict_logits(forward, x, cache, device, batch_size).argmax(1) == y).float().mean())
+
+
+def _score(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+           cache: ActivationCache, device: torch.device) -> tuple[float, float]:
+    """(accuracy, margin) on the validation rows: the objective and its tie-break (see `calibration.py`)."""
+    logits = predict_logits(forward, x, cache, device)
+    return float((logits.argmax(1) == y).float().mean()), validation_margin(logits, y)
 
 
 def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: Strategy, *,
@@ -199,11 +215,10 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
                  l2=None if not s.trains_backbone else DEFAULT_PROBE_L2)
     if not s.trains_backbone:
         x_val, y_val = _pooled(model, cache, "val", use_cache, device)
-        with torch.no_grad():
-            val = accuracy(model.head, x_val, y_val, cache, device)
-            train = accuracy(model.head, x_fit, y_fit, cache, device)
+        val, margin = _score(model.head, x_val, y_val, cache, device)
+        train = accuracy(model.head, x_fit, y_fit, cache, device)
         model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-        return TrialResult(val_accuracy=val, train_accuracy=train, steps_run=0,
+        return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
                            seconds=time.perf_counter() - start_time, model=model)
     return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time)
 
@@ -272,10 +287,11 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
             history.append((step, validate()))
             report(step, history[-1][1])
     model.eval()
-    history.append((step, accuracy(forward_eval, x_val, y_val, cache, device)))
+    val, margin = _score(forward_eval, x_val, y_val, cache, device)
+    history.append((step, val))
     if report is not None:
         report(step, history[-1][1])
     train = accuracy(forward_eval, x_fit_eval, cache.labels[cache.slices[fit_split]], cache, device)
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-    return TrialResult(val_accuracy=history[-1][1], train_accuracy=train, steps_run=step,
+    return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=step,
                        seconds=time.perf_counter() - start_time, model=model, history=history)

@@ -122,7 +122,11 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     bar.close()
     best = best_trial(study)
     if refits and best is not None:
-        print(f"training the best strategy (trial {best.number}) {refits} time(s) on train+val for the export",
+        from autotransfer.refit import member_count
+        from autotransfer.strategy import Strategy
+
+        times = member_count(Strategy.from_dict(best.user_attrs["strategy"]), refits)
+        print(f"training the best strategy (trial {best.number}) {times} time(s) on train+val for the export",
               flush=True)
     result = finish_study(study, config, backbone, cache, precision=precision, refits=refits)
     _print_summary(study, config, result)
