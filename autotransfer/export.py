@@ -18,6 +18,7 @@ import torch
 
 from autotransfer.atomic import replacing_file
 from autotransfer.errors import ExportError
+from autotransfer.progress import progress
 from autotransfer.runtime import batch_slices, cpu_session, read_metadata, run_batched  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,14 @@ def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor,
     """
     model = model.cpu().eval()
     sizes = [batch_size, 1] if len(x) > batch_size else [max(1, len(x) - 1), 1]  # both a full and a 1-row batch
-    got = run_batched(cpu_session(path), x.numpy(), sizes=sizes)
-    with torch.no_grad():
-        ref = torch.cat([model(x[rows]) for rows in batch_slices(len(x), sizes)]).numpy()
+    with progress(len(x), "export: test split through onnxruntime", "images") as shown:
+        got = run_batched(cpu_session(path), x.numpy(), sizes=sizes, on_batch=shown.update)
+    ref = []
+    with torch.no_grad(), progress(len(x), "export: test split through PyTorch (parity)", "images") as shown:
+        for rows in batch_slices(len(x), sizes):
+            ref.append(model(x[rows]))
+            shown.update(len(ref[-1]))
+    ref = torch.cat(ref).numpy()
     max_diff, scale = float(np.abs(ref - got).max()), float(np.abs(ref).max())
     correct = int((got.argmax(1) == y.numpy()).sum())
     agree = int((got.argmax(1) == ref.argmax(1)).sum())

@@ -17,6 +17,7 @@ those once; only the fine-tuned groups and the heads are repeated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from autotransfer.backbones import Backbone
 from autotransfer.defaults import DEFAULT_REFITS
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache
 from autotransfer.model import TransferModel
+from autotransfer.progress import phase
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
 
@@ -112,9 +114,11 @@ def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, mem
     for seed in range(strategy.seed, strategy.seed + 2 * members):
         if len(models) == members:
             break
-        try:
-            result = train_trial(dataclasses.replace(schedule, seed=seed), backbone, cache, device=device,
-                                 fit_split=TRAIN_AND_VAL)
+        name = f"refit member {len(models) + 1}/{members}" + (f" (seed {seed})" if rejected else "")
+        try:  # a fine-tune shows its steps; a head fit by L-BFGS has no count, only a line
+            with phase(f"{name}: head fit") if not schedule.trains_backbone else contextlib.nullcontext():
+                result = train_trial(dataclasses.replace(schedule, seed=seed), backbone, cache, device=device,
+                                     fit_split=TRAIN_AND_VAL, description=name)
             problem = _check(result, reference_train_accuracy)
         except TrainingDiverged as e:
             problem = str(e)

@@ -196,7 +196,7 @@ class _Objective:
 
         try:
             result = train_trial(strategy, self.backbone, self.cache, report=report, report_at=self.ladder.rungs,
-                                 device=self.device)
+                                 device=self.device, description=f"trial {trial.number} fine-tune")
         except TrainingDiverged as e:
             trial.set_user_attr("fail_reason", str(e))
             raise optuna.TrialPruned(str(e)) from None

@@ -29,6 +29,7 @@ from autotransfer.features import ActivationCache
 from autotransfer.fidelity import BATCH_SIZE
 from autotransfer.heads import head_loss
 from autotransfer.model import TransferModel, build_model
+from autotransfer.progress import progress
 from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
 
 Report = Callable[[int, float], None]
@@ -196,9 +197,11 @@ def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache:
 
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, report: Report | None = None,
                 report_at: Sequence[int] = (), device: torch.device | str = "cpu", use_cache: bool = True,
-                fit_split: str = "train") -> TrialResult:
+                fit_split: str = "train", description: str = "fine-tune") -> TrialResult:
     """Train `strategy`; return its final validation accuracy (and its accuracy on the data it was fitted to).
 
+    A fine-tune shows its optimizer steps as a progress named `description` (see `progress.py`); a head
+    fitted by L-BFGS takes seconds and shows none.
     `use_cache=False` computes everything from the images instead (the naive baseline of
     `benchmarks/search_speed.py`); the training itself is the same.
     `fit_split="train+val"` trains on both splits (the final refit, see `refit.py`); the validation accuracy
@@ -220,7 +223,7 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
         model = model.eval().to("cpu", memory_format=torch.contiguous_format)
         return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
                            seconds=time.perf_counter() - start_time, model=model)
-    return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time)
+    return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, description)
 
 
 def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callable[[], None]):
@@ -238,7 +241,8 @@ def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callab
 
 
 def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
-               report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float) -> TrialResult:
+               report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float,
+               description: str) -> TrialResult:
     """`s.steps` optimizer steps from the fitted head; reports validation accuracy at `report_at` and at the end."""
     augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
     start = s.freeze if use_cache and augment is None else 0  # augmented views are new: start from the images
@@ -254,11 +258,8 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
     y_train = y_train.to(device)
     checkpoints = set(report_at) if report is not None else set()
 
-    def forward_train(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_from(x, start)
-
-    def forward_eval(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_from(x, evaluate_from)
+    forward_train = lambda x: model.forward_from(x, start)
+    forward_eval = lambda x: model.forward_from(x, evaluate_from)
 
     def validate() -> float:
         model.eval()
@@ -268,24 +269,26 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
 
     history: list[tuple[int, float]] = []
     step = 0
-    for idx in _batches(len(x_train), s.steps, generator, on_epoch=lambda: _set_train_mode(model, s)):
-        batch = x_train[idx]
-        if augment is not None:
-            batch = augment_batch(batch, augment)
-        with autocast(device):
-            loss = criterion(forward_train(_to_input(batch, device, cache)).float(), y_train[idx.to(device)])
-        if s.l2sp_alpha > 0:
-            loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if step in checkpoints and step < s.steps:
-            history.append((step, validate()))
-            report(step, history[-1][1])
+    with progress(s.steps, description, "steps") as shown:  # one cheap update per step
+        for idx in _batches(len(x_train), s.steps, generator, on_epoch=lambda: _set_train_mode(model, s)):
+            batch = x_train[idx]
+            if augment is not None:
+                batch = augment_batch(batch, augment)
+            with autocast(device):
+                loss = criterion(forward_train(_to_input(batch, device, cache)).float(), y_train[idx.to(device)])
+            if s.l2sp_alpha > 0:
+                loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            shown.update()
+            if step in checkpoints and step < s.steps:
+                history.append((step, validate()))
+                report(step, history[-1][1])
     model.eval()
     val, margin = _score(forward_eval, x_val, y_val, cache, device)
     history.append((step, val))

@@ -1,6 +1,12 @@
-"""Shared fixtures: a tiny 3-group CNN registered as a backbone, and digits at 16 px, so tests run in seconds."""
+"""Shared fixtures: a tiny 3-group CNN registered as a backbone, and digits at 16 px, so tests run in seconds.
+
+The suite runs quiet: progress is off (also in the CLI subprocesses it starts, which inherit the environment);
+a test of progress turns it on with `monkeypatch.setenv("AUTOTRANSFER_PROGRESS", "1")`.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -47,6 +53,12 @@ def tiny():
 @pytest.fixture()
 def tiny_cache(tiny, digits16):
     return ActivationCache(tiny, digits16)
+
+
+def pytest_configure(config):
+    """Set here, not at import: `tests.tiny_cli` imports this module in subprocesses that may turn progress on."""
+    os.environ["AUTOTRANSFER_PROGRESS"] = "0"
+    os.environ.pop("AUTOTRANSFER_PROGRESS_INTERVAL", None)
 
 
 def pytest_collection_modifyitems(config, items):
