@@ -66,7 +66,8 @@ def _best(study: optuna.Study, out: Path) -> dict[str, Any] | None:
         return None
     strategy = Strategy.from_dict(trial.user_attrs["strategy"]) if "strategy" in trial.user_attrs else None
     metrics, folder = _test_metrics(out, trial.number)
-    return {"trial": trial.number, "val_accuracy": trial.value,
+    return {"trial": trial.number, "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value),
+            "metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,
             "description": strategy.describe(group_names(study)) if strategy else "(no strategy recorded)",
             "strategy": strategy.to_dict() if strategy else {}, "test": metrics, "export": folder}
 
@@ -89,7 +90,8 @@ def _best_html(best: dict[str, Any] | None) -> str:
     if best is None:
         return "<p class='note'>No complete trial yet.</p>"
     e = html.escape
-    parts = [f"<p><b>Trial {best['trial']}</b>, validation accuracy <b>{best['val_accuracy']:.4f}</b>: "
+    score = "" if best["metric"] == "accuracy" else f" ({e(best['metric'])} {best['val_score']:.4f}, the objective)"
+    parts = [f"<p><b>Trial {best['trial']}</b>, validation accuracy <b>{best['val_accuracy']:.4f}</b>{score}: "
              f"{e(best['description'])}.</p>"]
     test = best["test"]
     if test:

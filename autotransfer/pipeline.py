@@ -76,15 +76,18 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
                 "mean": list(backbone.mean), "std": list(backbone.std), "input_range": "0-1 RGB",
                 "backbone": backbone.name, "weights": backbone.weights_id, "strategy": strategy.to_dict(),
                 "optuna_study": study.study_name, "optuna_trial_number": number,
-                "val_accuracy": trial.value, "refits": refits, "trained_on": trained_on,
+                "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value),
+                "metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,
+                "refits": refits, "trained_on": trained_on,
                 "autotransfer_version": __version__}
 
     with replacing_folder(dest) as tmp:  # never leaves a half-written export behind
         export_onnx(model, tmp / "model.onnx", image_size=data.image_size, metadata=metadata)
         x_test, y_test = data.subset("test")
         x_test = normalise(x_test, backbone.mean, backbone.std)
-        checks = verify(model, tmp / "model.onnx", x_test, y_test)
-        metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
+        checks = verify(model, tmp / "model.onnx", x_test, y_test, class_names=data.classes)
+        metrics = {"trial": number, "metric": metadata["metric"], "val_score": trial.value,
+                   "val_accuracy": metadata["val_accuracy"], **checks, "test_images": len(y_test),
                    "retrained": retrained, "refits": refits, "trained_on": trained_on, "refit_fallback": fallback,
                    "backbone": backbone.name, "data": data.name,
                    "precisions": list(precisions), "variants": {}}

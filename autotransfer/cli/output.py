@@ -11,7 +11,10 @@ from pathlib import Path
 def export_line(metrics: dict) -> str:
     """`val V  test T (onnxruntime, N images)  max |onnx - torch| D` and how the model was trained."""
     m = metrics
-    return (f"val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, {m['test_images']} images)  "
+    metric = m.get("metric", "accuracy")
+    score = "" if metric == "accuracy" else f" ({metric} {m['val_score']:.4f})"
+    return (f"val {m['val_accuracy']:.4f}{score}  test {m['test_accuracy']:.4f} "
+            f"(onnxruntime, {m['test_images']} images)  "
             f"max |onnx - torch| {m['onnx_max_abs_diff']:.1e}{describe_training(m)}")
 
 
@@ -39,3 +42,15 @@ def print_variants(metrics: dict) -> None:
         flag = f"  DEGRADED: loses {100 * v['accuracy_drop']:.1f} points (> 1)" if v["degraded"] else ""
         print(f"{p}: {v['file']}  test {v['test_accuracy']:.4f}  top-1 agreement with fp32 "
               f"{v['top1_agreement']:.4f}  {v['size_bytes'] / 1e6:.1f} MB{flag}")
+
+
+def recall_line(metrics: dict, worst: int = 5) -> str:
+    """Test balanced accuracy and the classes with the lowest test recall (all of them when there are few)."""
+    recall = {c: r for c, r in metrics.get("test_per_class_recall", {}).items() if r is not None}
+    if not recall:
+        return "per-class test recall: no test images"
+    lowest = sorted(recall.items(), key=lambda item: (item[1], item[0]))[:worst]
+    which = "per-class test recall" if len(recall) <= worst else f"lowest test recall ({worst} of {len(recall)})"
+    return (f"test balanced accuracy {metrics['test_balanced_accuracy']:.4f}, macro F1 "
+            f"{metrics['test_macro_f1']:.4f}; "
+            f"{which}: " + ", ".join(f"{c} {r:.3f}" for c, r in lowest) + "  (all in metrics.json)")
