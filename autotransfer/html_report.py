@@ -20,7 +20,7 @@ import pandas as pd
 
 from autotransfer.atomic import replacing_folder
 from autotransfer.plots import Plot, write_plots
-from autotransfer.report import leaderboard, to_html, write_tables
+from autotransfer.report import leaderboard, recall_line, to_html, write_tables
 from autotransfer.strategy import Strategy
 from autotransfer.studies import SOURCE, group_names
 from autotransfer.study import best_trial
@@ -100,6 +100,8 @@ def _best_html(best: dict[str, Any] | None) -> str:
                      f"|onnx - torch| {test.get('onnx_max_abs_diff', float('nan')):.1e}"
                      f"{', retrained from its strategy' if test.get('retrained') else ''}"
                      f"{_refit_note(test)}).</p>")
+        if "test_per_class_recall" in test:
+            parts.append(f"<p>{e(recall_line(test))}</p>")
     else:
         parts.append(f"<p class='note'>Test metrics: not measured yet (no export of trial {best['trial']} in this "
                      f"folder); run <code>autotransfer export --trial {best['trial']}</code>.</p>")

@@ -12,10 +12,8 @@ import math
 
 import torch
 
+from autotransfer.defaults import IMBALANCE_RATIO, METRICS
 from autotransfer.errors import ConfigError
-
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
-IMBALANCE_RATIO = 3.0  # largest train class more than 3x the smallest: the data counts as imbalanced
 
 
 def _as_tensor(x) -> torch.Tensor:

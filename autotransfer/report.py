@@ -1,5 +1,6 @@
-"""Study -> tidy leaderboard (a pure function), the writers that put it on disk, and `trial_line`, the
-one-line summary of a trial that `search` and its workers print as trials finish.
+"""Study -> tidy leaderboard (a pure function), the writers that put it on disk, `trial_line`, the
+one-line summary of a trial that `search` and its workers print as trials finish, and `recall_line`, the one
+line on an export's per-class test recall.
 
 Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
 number), `state` (complete, pruned, fail, running), `val_score` (the objective value in the study's metric, see
@@ -53,6 +54,18 @@ def trial_line(trial: optuna.trial.FrozenTrial, backbone, best: optuna.trial.Fro
     reason = trial.user_attrs.get("fail_reason")
     return (f"trial {trial.number:3d} {trial.state.name.lower():8s} val {value}{best_text}  "
             f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
+
+
+def recall_line(metrics: dict, worst: int = 5) -> str:
+    """Test balanced accuracy and the classes with the lowest test recall (all of them when there are few)."""
+    recall = {c: r for c, r in metrics.get("test_per_class_recall", {}).items() if r is not None}
+    if not recall:
+        return "per-class test recall: no test images"
+    lowest = sorted(recall.items(), key=lambda item: (item[1], item[0]))[:worst]
+    which = "per-class test recall" if len(recall) <= worst else f"lowest test recall ({worst} of {len(recall)})"
+    return (f"test balanced accuracy {metrics['test_balanced_accuracy']:.4f}, macro F1 "
+            f"{metrics['test_macro_f1']:.4f}; "
+            f"{which}: " + ", ".join(f"{c} {r:.3f}" for c, r in lowest) + "  (all in metrics.json)")
 
 
 def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.DataFrame:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autotransfer.defaults import DEFAULT_REFITS, DEVICES
+from autotransfer.defaults import DEFAULT_REFITS, DEVICES, IMBALANCE_RATIO, METRICS
 
 
 def int_at_least(name: str, example: int, minimum: int = 1):
@@ -91,8 +91,6 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_metric_argument(parser: argparse.ArgumentParser) -> None:
     """`--metric accuracy|balanced_accuracy|macro_f1`: the study's objective (see `autotransfer.metrics`)."""
-    from autotransfer.metrics import IMBALANCE_RATIO, METRICS
-
     parser.add_argument("--metric", choices=METRICS, default=None,
                         help="validation metric the search maximises (default: balanced_accuracy when the largest "
                              f"train class has more than {IMBALANCE_RATIO:g}x the images of the smallest, else "

@@ -1,6 +1,6 @@
 """What the commands print about an export: one summary line, a line per fp16/int8 variant, the model's path.
 
-`print_export` is the whole block; `search` prints `export_line` after "best: trial N".
+`print_export` is the whole block; `search` prints `export_line` after "best: trial N", then `recall_line`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ def print_export(label: str, metrics: dict, folder: Path) -> None:
     """`<label>: <export_line>`, then each variant (`print_variants`), then `model: <folder>/model.onnx`."""
     print(f"{label}: {export_line(metrics)}")
     print_variants(metrics)
+    if "test_per_class_recall" in metrics:
+        from autotransfer.report import recall_line  # the predict-only image has no pandas or optuna
+
+        print(recall_line(metrics))
     print(f"model: {folder / 'model.onnx'}")
 
 
@@ -43,14 +47,3 @@ def print_variants(metrics: dict) -> None:
         print(f"{p}: {v['file']}  test {v['test_accuracy']:.4f}  top-1 agreement with fp32 "
               f"{v['top1_agreement']:.4f}  {v['size_bytes'] / 1e6:.1f} MB{flag}")
 
-
-def recall_line(metrics: dict, worst: int = 5) -> str:
-    """Test balanced accuracy and the classes with the lowest test recall (all of them when there are few)."""
-    recall = {c: r for c, r in metrics.get("test_per_class_recall", {}).items() if r is not None}
-    if not recall:
-        return "per-class test recall: no test images"
-    lowest = sorted(recall.items(), key=lambda item: (item[1], item[0]))[:worst]
-    which = "per-class test recall" if len(recall) <= worst else f"lowest test recall ({worst} of {len(recall)})"
-    return (f"test balanced accuracy {metrics['test_balanced_accuracy']:.4f}, macro F1 "
-            f"{metrics['test_macro_f1']:.4f}; "
-            f"{which}: " + ", ".join(f"{c} {r:.3f}" for c, r in lowest) + "  (all in metrics.json)")

@@ -17,7 +17,7 @@ from autotransfer.cli.arguments import (
     int_at_least,
 )
 from autotransfer.cli.common import Command, prepare
-from autotransfer.cli.output import export_line, print_variants, recall_line
+from autotransfer.cli.output import export_line, print_variants
 from autotransfer.defaults import DEFAULT_REFITS
 from autotransfer.errors import EXIT_INTERRUPTED, AutotransferError
 from autotransfer.precision import parse_precisions
@@ -156,7 +156,7 @@ def _print_setting(study, config, backbone, cache) -> None:
 
 def _print_summary(study, config, result) -> None:
     """The top of the leaderboard, the exported model's figures, and where everything is."""
-    from autotransfer.report import leaderboard, to_markdown
+    from autotransfer.report import leaderboard, recall_line, to_markdown
     from autotransfer.study import default_storage
 
     board = leaderboard(study)
