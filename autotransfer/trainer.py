@@ -128,9 +128,10 @@ def class_weights(strategy: Strategy, y: torch.Tensor, num_classes: int) -> torc
     return balanced_class_weights(y.cpu(), num_classes) if strategy.class_weight == "balanced" else None
 
 
-def _criterion(s: Strategy, y: torch.Tensor, num_classes: int) -> nn.Module:
+def _criterion(s: Strategy, y: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:
     """The head's loss, class-weighted on the labels `y` it trains on when the strategy says so."""
-    return head_loss(s.head, label_smoothing=s.label_smoothing, weight=class_weights(s, y, num_classes))
+    weight = class_weights(s, y, num_classes)
+    return head_loss(s.head, label_smoothing=s.label_smoothing, weight=None if weight is None else weight.to(device))
 
 
 def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: Strategy, *,
@@ -152,7 +153,8 @@ def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: St
     head.eval()  # BatchNorm on the statistics just set, dropout off: a deterministic objective
     params = [p for p in layers.parameters() if p.requires_grad]
     weights = [p for p in params if p.ndim > 1]
-    criterion = head_loss(strategy.head, label_smoothing=strategy.label_smoothing, weight=weight).to(x.device)
+    criterion = head_loss(strategy.head, label_smoothing=strategy.label_smoothing,
+                          weight=None if weight is None else weight.to(x.device))
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=LBFGS_ITERATIONS, history_size=20,
                                   tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
     features = norm(x).detach()
@@ -268,7 +270,7 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
     optimizer = _optimizer(param_groups(model, s), s)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.steps)
-    criterion = _criterion(s, y_train, len(cache.data.classes)).to(device)
+    criterion = _criterion(s, y_train, len(cache.data.classes), device)
     generator = torch.Generator().manual_seed(s.seed)
     y_train = y_train.to(device)
     checkpoints = set(report_at) if report is not None else set()
