@@ -74,16 +74,17 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
                   "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),
                   "std": list(backbone.std), "layout": "NCHW"}
+    scores = {"metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,  # the objective
+              "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value)}  # older trials: value is accuracy
     metadata = {"class_names": list(data.classes), "input_size": [3, data.image_size, data.image_size],
                 "mean": list(backbone.mean), "std": list(backbone.std), "input_range": "0-1 RGB",
                 "backbone": backbone.name, "weights": backbone.weights_id, "strategy": strategy.to_dict(),
-                "optuna_study": study.study_name, "optuna_trial_number": number,
-                "val_accuracy": trial.value, "refits": refits, "trained_on": trained_on,
-                "autotransfer_version": __version__}
+                "optuna_study": study.study_name, "optuna_trial_number": number, **scores,
+                "refits": refits, "trained_on": trained_on, "autotransfer_version": __version__}
 
     with replacing_folder(dest) as tmp:  # never leaves a half-written export behind
         checks, variants = _onnx_files(model, tmp / "model.onnx", data, backbone, metadata, precisions)
-        metrics = {"trial": number, "val_accuracy": trial.value, **checks, "retrained": retrained, "refits": refits,
+        metrics = {"trial": number, **scores, **checks, "retrained": retrained, "refits": refits,
                    "trained_on": trained_on, "refit_fallback": fallback, "backbone": backbone.name, "data": data.name,
                    "precisions": list(precisions), "variants": variants}
         _write_json(tmp / "metrics.json", metrics)
@@ -105,7 +106,8 @@ def _onnx_files(model: nn.Module, path: Path, data: ImageData, backbone: Backbon
         export_onnx(model, path, image_size=data.image_size, metadata=metadata)
     x_test, y_test = data.subset("test")
     x_test = normalise(x_test, backbone.mean, backbone.std)
-    checks, variants = {**verify(model, path, x_test, y_test), "test_images": len(y_test)}, {}
+    checks = {**verify(model, path, x_test, y_test, class_names=data.classes), "test_images": len(y_test)}
+    variants = {}
     for p in precisions[1:]:
         calibration = ", calibrated on training images" if p == "int8" else ""
         with phase(f"export: {p} variant{calibration}"):

@@ -76,13 +76,14 @@ def made_up():
 def test_leaderboard_columns_order_and_every_state(made_up):
     board = leaderboard(made_up)
     assert list(board.columns) == COLUMNS
-    assert COLUMNS[:5] == ["rank", "trial", "state", "val_accuracy", "val_margin"] and COLUMNS[-4:] == [
-        "steps_run", "pruned_at", "seconds", "note"] and COLUMNS[5:-4] == STRATEGY_COLUMNS
+    assert COLUMNS[:6] == ["rank", "trial", "state", "val_score", "val_accuracy", "val_margin"] and COLUMNS[-4:] == [
+        "steps_run", "pruned_at", "seconds", "note"] and COLUMNS[6:-4] == STRATEGY_COLUMNS
+    assert board.val_score.equals(board.val_accuracy), "a study without a metric was scored by accuracy"
     assert list(board.trial) == [2, 0, 4, 1, 3, 5], "complete by accuracy (tie: earlier trial), then the rest"
     assert list(board.state) == ["complete"] * 3 + ["pruned", "fail", "running"]
     assert list(board["rank"].iloc[:3]) == [1, 2, 3] and board["rank"].iloc[3:].isna().all()
     pruned = board.set_index("trial").loc[1]
-    assert pruned.val_accuracy == 0.4 and pruned.pruned_at == 2 and pruned.steps_run == 2
+    assert pruned.val_score == 0.4 and pruned.val_accuracy == 0.4 and pruned.pruned_at == 2 and pruned.steps_run == 2
     assert board.pruned_at.isna().sum() == 5, "only the pruned trial has a pruned_at"
     failed = board.set_index("trial").loc[3]
     assert math.isnan(failed.val_accuracy) and failed.note == "RuntimeError: CUDA out of memory"
@@ -310,3 +311,15 @@ def test_optuna_cli_reads_our_study_with_readable_names(searched):
     assert best["value"] == board.val_accuracy.iloc[0]
     assert best["number"] in set(board[board.val_accuracy == best["value"]].trial)
     assert best["params"]["head"] == board.set_index("trial").loc[best["number"], "head"]
+
+
+def test_leaderboard_ranks_by_the_studys_metric_and_keeps_accuracy_apart():
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("metric", "balanced_accuracy")
+    _add(study, TrialState.COMPLETE, 0.60, tap=3, freeze=3, attrs={"val_accuracy": 0.95})  # 0: ignores a rare class
+    _add(study, TrialState.COMPLETE, 0.85, tap=2, freeze=2, attrs={"val_accuracy": 0.90})  # 1
+    _add(study, TrialState.PRUNED, tap=2, freeze=0, steps=(0.3, 0.5))  # 2: no accuracy recorded
+    board = leaderboard(study).set_index("trial")
+    assert list(board.index) == [1, 0, 2], "ranked by balanced accuracy, not accuracy"
+    assert list(board.val_score) == [0.85, 0.60, 0.5] and list(board.val_accuracy[:2]) == [0.90, 0.95]
+    assert math.isnan(board.loc[2, "val_accuracy"]), "a pruned trial's last report is its score, not its accuracy"
