@@ -6,7 +6,7 @@ Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), 
 number), `state` (complete, pruned, fail, running), `val_score` (the objective value in the study's metric, see
 `metrics.py`; for pruned and running trials the last reported one), `val_accuracy` (plain validation accuracy;
 the same as `val_score` in a study whose metric is accuracy), `val_margin` (orders equal scores, see
-`calibration.py`), one column per `Strategy` field (tap, freeze, pool, head, ..., class_weight, steps, seed),
+`ranking.py`), one column per `Strategy` field (tap, freeze, pool, head, ..., class_weight, steps, seed),
 `steps_run` (optimizer steps of a fine-tune; 0 for a head fitted to convergence), `pruned_at` (steps run when
 pruned, empty otherwise), `seconds`, `note` (why it failed).
 """
@@ -20,6 +20,7 @@ import optuna
 import pandas as pd
 
 from autotransfer.atomic import replacing_file
+from autotransfer.ranking import ranked
 from autotransfer.strategy import Strategy
 
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
@@ -72,8 +73,8 @@ def recall_line(metrics: dict, worst: int = 5) -> str:
 def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.DataFrame:
     """One row per trial, best first, with the columns in `COLUMNS` (see the module docstring).
 
-    Complete trials are ranked as `study.best_trial` ranks them (`val_score`, the study's metric, then
-    `val_margin`, then the earlier trial); pruned, failed and
+    Complete trials are ranked as `study.best_trial` ranks them (`ranking.ranked`: `val_score`, the study's
+    metric, then `val_margin` within its standard error, then the earlier trial); pruned, failed and
     running trials follow, unranked. `study` is an Optuna study or a study name, which is looked up like
     `autotransfer report` does (default storage `studies/<name>/study.db`).
 
@@ -90,10 +91,9 @@ def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.Dat
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     df = df.astype({"trial": "int64", "val_score": "float64", "val_accuracy": "float64", "val_margin": "float64",
                     **_INT_COLUMNS, "steps_run": "Int64", "pruned_at": "Int64", "seconds": "float64"})
-    complete = df["state"] == "complete"
-    df["_order"] = (~complete).astype(int)
-    df = df.sort_values(["_order", "val_score", "val_margin", "trial"], ascending=[True, False, False, True],
-                        na_position="last")
+    position = {t.number: i for i, t in enumerate(ranked(study.get_trials(deepcopy=False)))}
+    df["_order"] = [position.get(n, len(position)) for n in df["trial"]]  # complete trials, then the rest
+    df = df.sort_values(["_order", "val_score", "trial"], ascending=[True, False, True], na_position="last")
     df = df.drop(columns="_order").reset_index(drop=True)
     df.insert(0, "rank", pd.array([i + 1 if c else pd.NA for i, c in enumerate(df["state"] == "complete")],
                                   dtype="Int64"))

@@ -30,6 +30,7 @@ from autotransfer.budget import (
     not_run,
     wait_for_slot,
 )
+from autotransfer.calibration import Margin
 from autotransfer.checkpoints import load_trial_model, save_checkpoint  # noqa: F401 - load_trial_model re-exported
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
@@ -38,6 +39,7 @@ from autotransfer.fidelity import REDUCTION, StepLadder
 from autotransfer.metrics import choose_metric
 from autotransfer.optuna_compat import finished_elsewhere, trial_by_number
 from autotransfer.prior import build_prior
+from autotransfer.ranking import ranked
 from autotransfer.storage import (
     DEFAULT_HEARTBEAT,
     default_storage,  # noqa: F401 - re-exported: callers import it from here
@@ -107,25 +109,11 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def rank_key(trial: optuna.trial.FrozenTrial) -> tuple[float, float, int]:
-    """Sort key of complete trials, best first: validation score (the study's metric), then validation
-    margin, then the earlier trial.
-
-    On few-shot data dozens of trials classify every validation image correctly; the margin
-    (`calibration.py`) still tells them apart. Trials recorded without one rank after those with one.
-    """
-    return -_value(trial), -trial.user_attrs.get("val_margin", -math.inf), trial.number
-
-
-def _value(trial: optuna.trial.FrozenTrial) -> float:
-    return trial.value if trial.value is not None else -math.inf
-
-
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The first complete trial by `rank_key` (Optuna's own `best_trial` ignores the tie-break and leaves the
-    order of ties to the storage backend)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=rank_key) if complete else None
+    """The first complete trial in `ranking.ranked` order: the best score, ties broken by validation margin
+    (Optuna's own `best_trial` has no tie-break and leaves the order of ties to the storage backend)."""
+    order = ranked(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return order[0] if order else None
 
 
 def study_metric(study: optuna.Study, config: StudyConfig, cache: ActivationCache) -> tuple[str, str]:
@@ -173,8 +161,6 @@ class _Objective:
         self.metric = study_metric(study, config, cache)[0]
         self.ladder = StepLadder(space.max_steps)
         self.device = pick_device(config.device)
-        best = best_trial(study)
-        self.best = (-math.inf, -math.inf) if best is None else _score_of(best)
         self.failures = 0
         self.interrupted: list[int] = []
 
@@ -222,18 +208,20 @@ class _Objective:
         trial.set_user_attr("steps_run", result.steps_run)
         trial.set_user_attr("train_accuracy", result.train_accuracy)
         trial.set_user_attr("val_accuracy", result.val_accuracy)
-        trial.set_user_attr("val_margin", result.val_margin)
-        best_now = best_trial(self.study)  # other workers' trials count too: keep only the study's best weights
-        self.best = max(self.best, _score_of(best_now) if best_now is not None else self.best)
-        if (result.val_score, result.val_margin) > self.best:
-            self.best = (result.val_score, result.val_margin)
+        trial.set_user_attr("val_margin", result.val_margin.mean)
+        trial.set_user_attr("val_margin_se", result.val_margin.se)
+        # other workers' trials count too: keep only the study's best weights
+        if _beats(result.val_score, result.val_margin, best_trial(self.study)):
             save_checkpoint(self.config.out, trial.number, result, strategy)
         return result.val_score
 
 
-def _score_of(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
-    """(score, margin) of a complete trial, comparable with a new trial's, larger is better."""
-    return _value(trial), trial.user_attrs.get("val_margin", -math.inf)
+def _beats(score: float, margin: Margin, best: optuna.trial.FrozenTrial | None) -> bool:
+    """Whether a new result ranks above the study's best trial (`ranking.py`: an equal score needs a margin
+    better by more than its standard error, since the earlier trial wins a tie)."""
+    if best is None or score != best.value:
+        return best is None or score > best.value
+    return margin.mean - margin.se > best.user_attrs.get("val_margin", -math.inf)
 
 
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,

@@ -23,7 +23,7 @@ from torch import nn
 
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
-from autotransfer.calibration import validation_margin
+from autotransfer.calibration import Margin, validation_margin
 from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import ActivationCache
@@ -45,7 +45,7 @@ class TrainingDiverged(AutotransferError):
 @dataclass
 class TrialResult:
     val_accuracy: float
-    val_margin: float  # orders trials of equal validation score (see `calibration.py`)
+    val_margin: Margin  # orders trials of equal validation score (see `calibration.py`, `ranking.py`)
     train_accuracy: float  # on the data it was fitted to, without augmentation (refits are checked against it)
     steps_run: int  # optimizer steps of a fine-tune; 0 for a head fitted by L-BFGS
     seconds: float
@@ -117,13 +117,13 @@ def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y
 
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              cache: ActivationCache, device: torch.device | str = "cpu", metric: str = "accuracy", *,
-             batch_size: int = 256) -> tuple[float, float, float]:
+             batch_size: int = 256) -> tuple[float, float, Margin]:
     """(accuracy, `metric`, margin) of `forward` on stored rows `x` with labels `y`, from one pass of logits.
 
     The margin orders trials of equal `metric` (see `calibration.py`).
     """
     if len(x) == 0:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, Margin(0.0, 0.0)
     logits = logits_of(forward, x, cache, device, batch_size)
     predicted, classes = logits.argmax(1), len(cache.data.classes)
     return score("accuracy", predicted, y, classes), score(metric, predicted, y, classes), validation_margin(logits, y)

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--study", type=Path, required=True, help="the search's output folder")
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--trials", default=None, help="comma-separated trial numbers instead of the tied best")
     parser.add_argument("--save", type=Path, default=None, help="write every trial's val/test logits here (.pt)")
     args = parser.parse_args()
     configure_threads()
@@ -66,14 +67,16 @@ def main() -> None:
     x_val, y_val = data.subset("val")
     x_test, y_test = data.subset("test")
     rows, probs, saved = [], [], []
-    for number, s in tied_strategies(study, args.top):
+    chosen = tied_strategies(study, args.top) if args.trials is None else [
+        (int(n), Strategy.from_dict(study.trials[int(n)].user_attrs["strategy"])) for n in args.trials.split(",")]
+    for number, s in chosen:
         model = train_trial(s, backbone, cache).model
         val, test = (_logits(model, x, backbone.mean, backbone.std) for x in (x_val, x_test))
         probs.append(test.softmax(1))
         saved.append({"trial": number, "val": val, "test": test})
         rows.append((number, s.describe(backbone.group_names), float((val.argmax(1) == y_val).float().mean()),
-                     validation_margin(val, y_val), float((test.argmax(1) == y_test).float().mean())))
-        print(f"trial {number:3d}  val {rows[-1][2]:.4f}  margin {rows[-1][3]:.4f}  test {rows[-1][4]:.4f}  "
+                     validation_margin(val, y_val).mean, float((test.argmax(1) == y_test).float().mean())))
+        print(f"trial {number:3d}  val {rows[-1][2]:.4f}  margin {rows[-1][3]:.3f}  test {rows[-1][4]:.4f}  "
               f"{rows[-1][1]}", flush=True)
     if args.save is not None:
         torch.save({"y_val": y_val, "y_test": y_test, "trials": saved}, args.save)

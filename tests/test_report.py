@@ -58,14 +58,16 @@ def _made_up(storage=None, name="made_up"):
 
 def test_the_validation_margin_breaks_ties_in_the_leaderboard_as_in_best_trial():
     study = optuna.create_study(direction="maximize")
-    _add(study, TrialState.COMPLETE, 1.0, tap=3, freeze=3, attrs={"val_margin": 0.5})  # 0
-    _add(study, TrialState.COMPLETE, 1.0, tap=2, freeze=2, attrs={"val_margin": 0.9})  # 1: same accuracy, clearer
+    _add(study, TrialState.COMPLETE, 1.0, tap=3, freeze=3, attrs={"val_margin": 0.5, "val_margin_se": 0.1})  # 0
+    _add(study, TrialState.COMPLETE, 1.0, tap=2, freeze=2, attrs={"val_margin": 0.9, "val_margin_se": 0.1})  # 1
     _add(study, TrialState.COMPLETE, 1.0, tap=1, freeze=1)  # 2: recorded without a margin
-    _add(study, TrialState.COMPLETE, 0.95, tap=2, freeze=1, attrs={"val_margin": 5.0})  # 3: margin never beats accuracy
+    _add(study, TrialState.COMPLETE, 0.95, tap=2, freeze=1, attrs={"val_margin": 5.0})  # 3: margin never beats score
+    _add(study, TrialState.COMPLETE, 1.0, tap=3, freeze=2, attrs={"val_margin": 0.95, "val_margin_se": 0.1})  # 4
     board = leaderboard(study)
-    assert list(board.trial) == [1, 0, 2, 3]
+    # 4 has the best margin, but 1 is within its standard error (0.9 >= 0.95 - 0.1) and earlier: 1 wins the tie
+    assert list(board.trial) == [1, 4, 0, 2, 3]
     assert best_trial(study).number == 1
-    assert board.val_margin.iloc[0] == 0.9 and pd.isna(board.val_margin.iloc[2])
+    assert board.val_margin.iloc[0] == 0.9 and pd.isna(board.val_margin.iloc[3])
 
 
 @pytest.fixture()
