@@ -114,7 +114,8 @@ def test_cache_disk_too_small_is_one_line_exit_2_and_nothing_is_written(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "--cache-disk" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
-    with pytest.raises(ConfigError, match=r"needs 6\.0M on disk .* over --cache-disk 1000B; pass --cache-disk 6\.0M or more"):
+    message = r"needs 6\.0M on disk .* over --cache-disk 1000B; pass --cache-disk 6\.0M or more"
+    with pytest.raises(ConfigError, match=message):
         ActivationCache(tiny, digits16, folder=tmp_path / "cache", disk_limit=1000).load()
     with pytest.raises(ConfigError, match="Decoding 1797 images at 16px"):
         load_data("digits", image_size=16, memory_limit=1000, disk_limit=1000, spill=tmp_path / "spill")
