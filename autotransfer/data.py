@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import secrets
+import tempfile
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -127,6 +128,17 @@ def _decoded(items: Sequence[str | Image.Image], size: int) -> Iterator[np.ndarr
             yield from pool.map(lambda it: _decode(it, size), items[start:start + round_size], chunksize=DECODE_CHUNK)
 
 
+def _remove_orphans(folder: Path) -> None:
+    """Delete image files left by processes that were killed before they could (`.images-<pid>-*.npy`)."""
+    for path in folder.glob(".images-*-*.npy"):
+        try:
+            os.kill(int(path.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not ours to judge: another user's process is alive
+            continue
+
+
 class _Rows:
     """The preallocated uint8 [rows, 3, S, S] array decoding writes into: in memory, or a file past the bound."""
 
@@ -137,10 +149,11 @@ class _Rows:
         if memory_limit is None or nbytes <= memory_limit // 2:
             self.array, self.writer = np.empty(shape, dtype=np.uint8), None
             return
-        folder = Path(spill) if spill is not None else Path(os.environ.get("TMPDIR", "/tmp"))
+        folder = Path(spill) if spill is not None else Path(tempfile.gettempdir())
         check_disk(nbytes, disk_limit if disk_limit is not None else nbytes, folder,
                    f"Decoding {rows} images at {size}px (over half of --cache-memory)")
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(folder)
         self.path = folder / f".images-{os.getpid()}-{secrets.token_hex(4)}.npy"
         self.writer = RowWriter(self.path, shape, np.uint8)
 

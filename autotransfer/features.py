@@ -42,7 +42,7 @@ from autotransfer.atomic import replacing_folder
 from autotransfer.backbones import Backbone
 from autotransfer.data import SPLITS, ImageData
 from autotransfer.progress import progress
-from autotransfer.rowfiles import RowWriter, check_disk, open_rows
+from autotransfer.rowfiles import RowWriter, check_disk, open_rows, release
 
 if TYPE_CHECKING:
     from autotransfer.strategy import SearchSpace
@@ -125,6 +125,7 @@ class ActivationCache:
         self._boundaries: dict[int, torch.Tensor] = {}
         self._pooled: dict[int, torch.Tensor] = {}  # k -> float32 [N, 2C]: channel averages, then maxima
         self._images: torch.Tensor | None = None
+        self._mapped: list[torch.Tensor] = []  # arrays mapped from files, released at each trial's start
         self._ready = False
 
     # -- what to keep ----------------------------------------------------------------------------
@@ -175,11 +176,23 @@ class ActivationCache:
         return x.float()
 
     def pooled(self, k: int, pool: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Globally pooled float32 features of group `k` (its output, boundary k) for one split."""
+        """Globally pooled float32 features of group `k` (its output, boundary k) for one split.
+
+        Every trial starts here (its head is fitted first): the pages the last trial read from memory-mapped
+        arrays leave the resident set, so memory stays bounded however many boundaries the trials touch.
+        """
         self.load()
+        self.release()
         both = self._pooled[k]
         x = both[:, : both.shape[1] // 2] if pool == "avg" else both
         return x[self.slices[split]], self.labels[self.slices[split]]
+
+    def release(self) -> None:
+        """Drop the pages of memory-mapped arrays (images, boundaries, pooled) from the resident set."""
+        for t in self._mapped:
+            release(t)
+        if self.data.images_file is not None:
+            release(self.data.images)
 
     @property
     def nbytes(self) -> int:
@@ -300,6 +313,8 @@ class ActivationCache:
                     for k in plan.shapes:
                         x = groups[k - 1](x)
                         sinks.put(k, start, x)
+                    if self.data.images_file is not None:  # read once: keep the resident set flat
+                        release(images[start:start + self.batch_size])
                     bar.update(len(x))
         finally:
             groups.train(was_training)
@@ -319,6 +334,8 @@ class ActivationCache:
 
     def _set(self, plan: _Plan, boundaries: dict, pooled: dict, *, on_disk: bool) -> None:
         self._boundaries, self._pooled, self.stored = boundaries, pooled, plan.stored
+        self._mapped = ([*boundaries.values()] if plan.boundaries_on_disk else []) + (
+            [*pooled.values()] if plan.pooled_on_disk else [])
         self.storage = "disk" if on_disk else str(plan.dtype)
 
 

@@ -9,6 +9,8 @@ puts rows in a new order in place, holding one row, in memory or in a file.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import mmap
 import os
@@ -19,6 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from autotransfer.errors import ConfigError
+
+try:
+    _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _LIBC.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+except (OSError, AttributeError, TypeError):  # no C library with madvise (Windows)
+    _LIBC = None
 
 
 class RowWriter:
@@ -66,13 +74,18 @@ def open_rows(path: Path) -> np.ndarray:
     return np.ndarray(shape, dtype=dtype, buffer=mapped, offset=offset)
 
 
-def release(array: np.ndarray) -> None:
-    """Drop the pages of a mapped array (see `open_rows`) from the resident set; they are read again on use."""
-    base = array
-    while base is not None and not isinstance(base, mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is not None and hasattr(base, "madvise"):
-        base.madvise(mmap.MADV_DONTNEED)
+def release(array) -> None:
+    """Drop the pages of an array mapped by `open_rows` (or a tensor on one) from the resident set.
+
+    They stay in the page cache and are read again on use. Only for such arrays: on ordinary memory
+    MADV_DONTNEED would zero the pages. A no-op where the C library has no madvise.
+    """
+    a = np.asarray(array)
+    if a.nbytes == 0 or _LIBC is None:
+        return
+    address = a.__array_interface__["data"][0]
+    start = address - address % mmap.PAGESIZE
+    _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(address + a.nbytes - start), mmap.MADV_DONTNEED)
 
 
 def permute_rows(get: Callable[[int], np.ndarray], put: Callable[[int, np.ndarray], None], order: np.ndarray) -> None:

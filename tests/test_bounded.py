@@ -66,6 +66,9 @@ def test_digits_keep_the_fingerprint_they_had_before_streaming():
 def test_decoding_into_the_preallocated_array_gives_the_same_pixels_and_fingerprint(tmp_path, memory_limit):
     root = _photos(tmp_path / "photos")
     images, labels, split, fingerprint = _before(root, 32)
+    orphan = tmp_path / "spill" / ".images-999999999-0000.npy"  # left by a killed process
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"")
     data = load_data(str(root), image_size=32, memory_limit=memory_limit, spill=tmp_path / "spill")
     assert data.fingerprint == fingerprint
     assert (data.images_file is not None) == (memory_limit is not None)
@@ -79,7 +82,7 @@ def test_decoding_into_the_preallocated_array_gives_the_same_pixels_and_fingerpr
     assert "zz_broken.jpg" not in {files[i].name for i in data.source_index.tolist()}
     if memory_limit is not None:
         path = data.images_file
-        assert path.parent == tmp_path / "spill" and path.is_file()
+        assert path.parent == tmp_path / "spill" and path.is_file() and not orphan.exists()
         copy = pickle.loads(pickle.dumps(data))  # how a worker process receives it: the file's name, no pixels
         assert len(pickle.dumps(data)) < images.nbytes / 2 and torch.equal(copy.images, data.images)
         del data, copy
@@ -159,3 +162,24 @@ def test_a_boundary_larger_than_the_image_is_recomputed_from_the_images(digits16
     assert abs(a.val_accuracy - b.val_accuracy) <= 2 / len(digits16.split["val"])
     for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values(), strict=True):
         assert torch.allclose(x.float(), y.float(), atol=1e-3), "frozen group 1 run on each batch = stored boundary"
+
+
+def test_rows_are_streamed_permuted_in_place_and_mapped_back(tmp_path):
+    from autotransfer.rowfiles import RowWriter, permute_file_rows, permute_rows, release
+
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 256, (50, 3, 4, 4), dtype=np.uint8)
+    order = rng.permutation(45)  # the last 5 rows were never written (skipped inputs): zeros
+    writer = RowWriter(tmp_path / "a.npy", rows.shape, np.uint8)
+    for i in range(45):
+        writer.write(rows[i:i + 1])
+    writer.close(rows=45)
+    assert np.array_equal(np.load(tmp_path / "a.npy")[:45], rows[:45]), "a plain .npy file"
+    permute_file_rows(tmp_path / "a.npy", order)
+    mapped = open_rows(tmp_path / "a.npy")
+    assert np.array_equal(mapped[:45], rows[order]) and not mapped[45:].any()
+    release(mapped)
+    assert np.array_equal(mapped[:45], rows[order]), "released pages are read again from the file"
+    in_memory = rows[:45].copy()
+    permute_rows(lambda i: in_memory[i], in_memory.__setitem__, order)
+    assert np.array_equal(in_memory, rows[order])
