@@ -245,16 +245,24 @@ def _read_csv(path: Path) -> tuple[list[str], list[str]]:
 
 def _stratified_split(labels: np.ndarray, classes: Sequence[str], fractions: tuple[float, float, float],
                       seed: int) -> dict[str, np.ndarray]:
+    """Per class: at least one image in each of train, val and test, the rest by `fractions`.
+
+    One stable sort groups the images by class (no scan of every label per class: 1,000 classes stay linear),
+    and each class is permuted in class order with one generator, so a seed always draws the same split.
+    """
+    counts = np.bincount(labels, minlength=len(classes))
+    small = np.flatnonzero(counts < 3)
+    if len(small):
+        others = f" (and {len(small) - 1} more class(es) with fewer than 3)" if len(small) > 1 else ""
+        raise DataError(f"Class {classes[small[0]]!r} has {counts[small[0]]} image(s){others}; a train/val/test split "
+                        "needs at least 3 per class. Add images to it or remove the class.")
     rng = np.random.default_rng(seed)
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])  # each class's indices, sorted
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    for c, name in enumerate(classes):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < 3:
-            raise DataError(f"Class {name!r} has {len(idx)} image(s); a train/val/test split needs at least 3 "
-                            "per class. Add images to it or remove the class.")
+    for idx in by_class:
         idx = rng.permutation(idx)
-        n_val = max(1, round(len(idx) * fractions[1]))
-        n_test = max(1, round(len(idx) * fractions[2]))
+        n_val = min(max(1, round(len(idx) * fractions[1])), len(idx) - 2)  # train and test keep one at least
+        n_test = min(max(1, round(len(idx) * fractions[2])), len(idx) - 1 - n_val)
         parts["val"].append(idx[:n_val])
         parts["test"].append(idx[n_val:n_val + n_test])
         parts["train"].append(idx[n_val + n_test:])
@@ -368,7 +376,8 @@ def load_data(source: str = "digits", *, image_size: int | None = None, seed: in
                             "replace its corrupt files or remove the class.")
         names = [names[i] for i in keep]
         classes = _check_classes(source, names)
-        label_ids = np.array([classes.index(n) for n in names], dtype=np.int64)
+        class_id = {c: i for i, c in enumerate(classes)}  # a dict, not classes.index: linear in images x classes
+        label_ids = np.fromiter((class_id[n] for n in names), dtype=np.int64, count=len(names))
         split = _split_indices(label_ids, classes, None if given_split is None else [given_split[i] for i in keep],
                                fractions, seed)
         order = np.concatenate([split[s] for s in SPLITS])  # row i of the result is decoded image order[i]

@@ -6,3 +6,6 @@ stay free of torch)."""
 DEFAULT_REFITS = 3
 
 DEVICES = ("auto", "cpu", "cuda")  # where training runs; "auto" takes a CUDA GPU when one is visible
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")  # the objectives of `--metric` (see `metrics.py`)
+IMBALANCE_RATIO = 3.0  # largest train class more than 3x the smallest: the data counts as imbalanced

@@ -18,6 +18,8 @@ import torch
 
 from autotransfer.atomic import replacing_file
 from autotransfer.errors import ExportError
+from autotransfer.metrics import per_class_recall, score
+from autotransfer.progress import progress
 from autotransfer.runtime import batch_slices, cpu_session, read_metadata, run_batched  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -46,16 +48,23 @@ def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata
 
 
 def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor, *,
-           batch_size: int = 64, atol: float = PARITY_ATOL, rtol: float = PARITY_RTOL) -> dict[str, float]:
-    """Run `x` through PyTorch and onnxruntime in batches of two sizes; return diff and ORT accuracy.
+           batch_size: int = 64, atol: float = PARITY_ATOL, rtol: float = PARITY_RTOL,
+           class_names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run `x` through PyTorch and onnxruntime in batches of two sizes; return diff and ORT accuracy, balanced
+    accuracy, macro F1 and per-class recall (keyed by `class_names`, default "0", "1", ...; null: no example).
 
     Raises ExportError when any logit differs by more than `atol + rtol * max |logit|`.
     """
     model = model.cpu().eval()
     sizes = [batch_size, 1] if len(x) > batch_size else [max(1, len(x) - 1), 1]  # both a full and a 1-row batch
-    got = run_batched(cpu_session(path), x.numpy(), sizes=sizes)
-    with torch.no_grad():
-        ref = torch.cat([model(x[rows]) for rows in batch_slices(len(x), sizes)]).numpy()
+    with progress(len(x), "export: test split through onnxruntime", "images") as shown:
+        got = run_batched(cpu_session(path), x.numpy(), sizes=sizes, on_batch=shown.update)
+    ref = []
+    with torch.no_grad(), progress(len(x), "export: test split through PyTorch (parity)", "images") as shown:
+        for rows in batch_slices(len(x), sizes):
+            ref.append(model(x[rows]))
+            shown.update(len(ref[-1]))
+    ref = torch.cat(ref).numpy()
     max_diff, scale = float(np.abs(ref - got).max()), float(np.abs(ref).max())
     correct = int((got.argmax(1) == y.numpy()).sum())
     agree = int((got.argmax(1) == ref.argmax(1)).sum())
@@ -64,5 +73,10 @@ def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor,
         raise ExportError(f"ONNX model {str(path)!r} differs from PyTorch by {max_diff:.2e} (> {tolerance:.1e} = "
                           f"{atol:.0e} + {rtol:.0e} x max |logit| {scale:.1f}) in its logits; rerun with --debug and "
                           "report the backbone and strategy.")
+    predicted, classes = got.argmax(1), got.shape[1]
+    names = class_names or tuple(str(i) for i in range(classes))
     return {"onnx_max_abs_diff": max_diff, "onnx_parity_tolerance": tolerance, "test_accuracy": correct / len(x),
-            "top1_agreement": agree / len(x)}
+            "top1_agreement": agree / len(x),
+            "test_balanced_accuracy": score("balanced_accuracy", predicted, y.numpy(), classes),
+            "test_macro_f1": score("macro_f1", predicted, y.numpy(), classes),
+            "test_per_class_recall": dict(zip(names, per_class_recall(predicted, y.numpy(), classes), strict=True))}

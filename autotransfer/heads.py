@@ -49,9 +49,9 @@ def build_head(kind: HeadKind, in_dim: int, num_classes: int, *, hidden: int = 0
     raise ValueError(f"Unknown head {kind!r}; expected one of {HEADS}.")
 
 
-def head_loss(kind: HeadKind, *, label_smoothing: float = 0.0) -> nn.Module:
+def head_loss(kind: HeadKind, *, label_smoothing: float = 0.0, weight: torch.Tensor | None = None) -> nn.Module:
     """Cross-entropy for softmax heads; for the SVM the multi-class squared hinge (scikit-learn's LinearSVC
-    default), which is smooth, so L-BFGS fits it to convergence."""
+    default), which is smooth, so L-BFGS fits it to convergence. `weight`: one loss weight per class."""
     if kind == "svm":
-        return nn.MultiMarginLoss(p=2, margin=1.0)
-    return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        return nn.MultiMarginLoss(p=2, margin=1.0, weight=weight)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from autotransfer.atomic import replacing_folder
 from autotransfer.plots import Plot, write_plots
-from autotransfer.report import leaderboard, to_html, write_tables
+from autotransfer.report import leaderboard, recall_line, to_html, write_tables
 from autotransfer.strategy import Strategy
 from autotransfer.studies import SOURCE, group_names
 from autotransfer.study import best_trial
@@ -45,7 +45,9 @@ class ReportFiles:
 def _refit_note(test: dict[str, Any]) -> str:
     """The exported model is not the trial's own when it was refit on train+val (see `refit.py`)."""
     n = test.get("refits", 0)
-    return f"; the strategy refit {n} time{'s' if n > 1 else ''} on train+val, averaged" if n else ""
+    if n == 1:
+        return "; the strategy refit once on train+val"
+    return f"; the strategy refit {n} times on train+val, averaged" if n else ""
 
 
 def _test_metrics(out: Path, number: int) -> tuple[dict[str, Any] | None, Path | None]:
@@ -66,7 +68,8 @@ def _best(study: optuna.Study, out: Path) -> dict[str, Any] | None:
         return None
     strategy = Strategy.from_dict(trial.user_attrs["strategy"]) if "strategy" in trial.user_attrs else None
     metrics, folder = _test_metrics(out, trial.number)
-    return {"trial": trial.number, "val_accuracy": trial.value,
+    return {"trial": trial.number, "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value),
+            "metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,
             "description": strategy.describe(group_names(study)) if strategy else "(no strategy recorded)",
             "strategy": strategy.to_dict() if strategy else {}, "test": metrics, "export": folder}
 
@@ -89,7 +92,8 @@ def _best_html(best: dict[str, Any] | None) -> str:
     if best is None:
         return "<p class='note'>No complete trial yet.</p>"
     e = html.escape
-    parts = [f"<p><b>Trial {best['trial']}</b>, validation accuracy <b>{best['val_accuracy']:.4f}</b>: "
+    score = "" if best["metric"] == "accuracy" else f" ({e(best['metric'])} {best['val_score']:.4f}, the objective)"
+    parts = [f"<p><b>Trial {best['trial']}</b>, validation accuracy <b>{best['val_accuracy']:.4f}</b>{score}: "
              f"{e(best['description'])}.</p>"]
     test = best["test"]
     if test:
@@ -98,6 +102,8 @@ def _best_html(best: dict[str, Any] | None) -> str:
                      f"|onnx - torch| {test.get('onnx_max_abs_diff', float('nan')):.1e}"
                      f"{', retrained from its strategy' if test.get('retrained') else ''}"
                      f"{_refit_note(test)}).</p>")
+        if "test_per_class_recall" in test:
+            parts.append(f"<p>{e(recall_line(test))}</p>")
     else:
         parts.append(f"<p class='note'>Test metrics: not measured yet (no export of trial {best['trial']} in this "
                      f"folder); run <code>autotransfer export --trial {best['trial']}</code>.</p>")

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+from torch import nn
 
 from autotransfer import __version__
 from autotransfer.atomic import replacing_folder
@@ -22,6 +23,7 @@ from autotransfer.errors import AutotransferError
 from autotransfer.export import export_onnx, verify
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
 from autotransfer.precision import CALIBRATION_IMAGES, check_variant, make_variant, parse_precisions
+from autotransfer.progress import phase
 from autotransfer.refit import refit
 from autotransfer.report import leaderboard, write_leaderboard
 from autotransfer.strategy import Strategy
@@ -65,38 +67,53 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         outcome = refit(strategy, backbone, cache, members=refits, device=pick_device(device),
                         reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
         model, retrained, fallback = outcome.model, False, outcome.failure
+        refits = len(outcome.seeds)  # the members shipped: one for a seed-independent strategy, 0 on a fallback
     if not refits or fallback is not None:  # a refit that cannot be trusted ships the searched trial's own model
         model, retrained = load_trial_model(study, number, backbone, cache, study_out)
-    refits = refits if fallback is None else 0
     trained_on = TRAIN_AND_VAL if refits else "train"
     preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
                   "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),
                   "std": list(backbone.std), "layout": "NCHW"}
+    scores = {"metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,  # the objective
+              "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value)}  # older trials: value is accuracy
     metadata = {"class_names": list(data.classes), "input_size": [3, data.image_size, data.image_size],
                 "mean": list(backbone.mean), "std": list(backbone.std), "input_range": "0-1 RGB",
                 "backbone": backbone.name, "weights": backbone.weights_id, "strategy": strategy.to_dict(),
-                "optuna_study": study.study_name, "optuna_trial_number": number,
-                "val_accuracy": trial.value, "refits": refits, "trained_on": trained_on,
-                "autotransfer_version": __version__}
+                "optuna_study": study.study_name, "optuna_trial_number": number, **scores,
+                "refits": refits, "trained_on": trained_on, "autotransfer_version": __version__}
 
     with replacing_folder(dest) as tmp:  # never leaves a half-written export behind
-        export_onnx(model, tmp / "model.onnx", image_size=data.image_size, metadata=metadata)
-        x_test, y_test = data.subset("test")
-        x_test = normalise(x_test, backbone.mean, backbone.std)
-        checks = verify(model, tmp / "model.onnx", x_test, y_test)
-        metrics = {"trial": number, "val_accuracy": trial.value, **checks, "test_images": len(y_test),
-                   "retrained": retrained, "refits": refits, "trained_on": trained_on, "refit_fallback": fallback,
-                   "backbone": backbone.name, "data": data.name,
-                   "precisions": list(precisions), "variants": {}}
-        for p in precisions[1:]:
-            variant = make_variant(tmp / "model.onnx", p, _calibration_images(data, backbone) if p == "int8" else None)
-            metrics["variants"][p] = check_variant(variant, tmp / "model.onnx", x_test.numpy(), y_test.numpy())
+        checks, variants = _onnx_files(model, tmp / "model.onnx", data, backbone, metadata, precisions)
+        metrics = {"trial": number, **scores, **checks, "retrained": retrained, "refits": refits,
+                   "trained_on": trained_on, "refit_fallback": fallback, "backbone": backbone.name, "data": data.name,
+                   "precisions": list(precisions), "variants": variants}
         _write_json(tmp / "metrics.json", metrics)
         _write_json(tmp / "strategy.json", {**strategy.to_dict(), "backbone": backbone.name,
                                             "description": strategy.describe(backbone.group_names)})
         _write_json(tmp / "classes.json", list(data.classes))
         _write_json(tmp / "preprocess.json", preprocess)
     return ExportResult(dest, metrics, retrained)
+
+
+def _onnx_files(model: nn.Module, path: Path, data: ImageData, backbone: Backbone, metadata: dict[str, Any],
+                precisions: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write `path` and its `precisions[1:]` variants, each checked on the test split; their figures.
+
+    Each part is a line of progress (see `progress.py`): an export of a large backbone, its int8 calibration
+    and the test passes through onnxruntime each take from seconds to minutes.
+    """
+    with phase("export: ONNX export"):
+        export_onnx(model, path, image_size=data.image_size, metadata=metadata)
+    x_test, y_test = data.subset("test")
+    x_test = normalise(x_test, backbone.mean, backbone.std)
+    checks = {**verify(model, path, x_test, y_test, class_names=data.classes), "test_images": len(y_test)}
+    variants = {}
+    for p in precisions[1:]:
+        calibration = ", calibrated on training images" if p == "int8" else ""
+        with phase(f"export: {p} variant{calibration}"):
+            variant = make_variant(path, p, _calibration_images(data, backbone) if p == "int8" else None)
+        variants[p] = check_variant(variant, path, x_test.numpy(), y_test.numpy())
+    return checks, variants
 
 
 def _calibration_images(data: ImageData, backbone: Backbone, n: int = CALIBRATION_IMAGES) -> np.ndarray:

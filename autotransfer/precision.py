@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from autotransfer.errors import ConfigError
+from autotransfer.progress import progress
 from autotransfer.runtime import cpu_session, run_batched
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,11 @@ def check_variant(variant: Path, fp32_path: Path, x: np.ndarray, y: Sequence[int
     """
     x = np.ascontiguousarray(x, np.float32)
     y = np.asarray(y)
-    ref = run_batched(cpu_session(fp32_path), x).argmax(1)
-    got = run_batched(cpu_session(variant), x).argmax(1)
+    outputs = []
+    for path in (fp32_path, variant):
+        with progress(len(x), f"export: test split through {path.name}", "images") as shown:
+            outputs.append(run_batched(cpu_session(path), x, on_batch=shown.update).argmax(1))
+    ref, got = outputs
     accuracy, fp32_accuracy = float((got == y).mean()), float((ref == y).mean())
     drop = fp32_accuracy - accuracy
     if drop > max_drop:

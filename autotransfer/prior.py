@@ -9,6 +9,9 @@ al., 2021) and a closed-form ridge-probe accuracy on the validation split. When 
 clearly beats the final features, the data is "different" from the source. The scores then narrow the
 search: taps far below the best probe are not searched.
 
+On imbalanced data (the train split's largest class more than 3x its smallest) the search also chooses
+`class_weight`, and the recommended strategy is tried with class-balanced loss weights as well.
+
 The quadrant is a prior, not a rule: whatever the quadrant, the first trials also include a full fine-tune
 with augmentation (the careful hand recipe: AdamW, frozen BatchNorm statistics, label smoothing, random
 shifts), because on few images with a strong shift from ImageNet that beat every linear probe by 9-11 points.
@@ -25,6 +28,7 @@ import torch
 
 from autotransfer.features import ActivationCache
 from autotransfer.fidelity import step_ladder
+from autotransfer.metrics import is_imbalanced
 from autotransfer.strategy import DEFAULT_PROBE_L2, SearchSpace, Strategy
 
 SMALL_PER_CLASS = 1000  # training images per class below which data counts as "small"
@@ -33,11 +37,40 @@ TAP_MARGIN = 0.05  # taps whose probe is more than 5 points below the best are n
 RIDGE_PENALTIES = (1e-2, 1e-1, 1.0, 10.0)  # per-sample L2 penalties tried by the ridge probe
 
 
+def class_sums(x: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """[num_classes, d]: the sum of the rows of `x` of each class, i.e. one_hot(labels).T @ x without the
+    [n, num_classes] one-hot matrix (1,000 classes would make it the largest array of the prior)."""
+    sums = torch.zeros((num_classes, x.shape[1]), dtype=torch.float64)
+    sums.index_add_(0, torch.from_numpy(np.asarray(labels, dtype=np.int64)), torch.from_numpy(x.astype(np.float64)))
+    return sums.numpy()
+
+
+def _evidence_fixed_point(sigma: np.ndarray, z2: np.ndarray, outside: np.ndarray, n: int
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """LogME's fixed-point updates of (alpha, beta) for every class at once; each class stops when it converges."""
+    alpha, beta = np.ones(len(z2)), np.ones(len(z2))
+    active = np.arange(len(z2))
+    for _ in range(100):
+        a, b, z = alpha[active, None], beta[active, None], z2[active]
+        t = a + b * sigma
+        gamma = (b * sigma / t).sum(1)
+        m2 = (b ** 2 * sigma * z / t ** 2).sum(1)
+        res2 = (z * (a / t) ** 2).sum(1) + outside[active]
+        new_alpha, new_beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
+        converged = (np.abs(new_alpha - a[:, 0]) / a[:, 0] < 1e-3) & (np.abs(new_beta - b[:, 0]) / b[:, 0] < 1e-3)
+        alpha[active], beta[active] = new_alpha, new_beta
+        active = active[~converged]
+        if len(active) == 0:
+            break
+    return alpha, beta
+
+
 def logme(features: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
     """LogME: log marginal evidence per sample of a Bayesian linear model from features to one-hot labels.
 
     Higher means the labels are better explained linearly by the features. Follows You et al. (2021):
     per class, fixed-point updates of the prior precision alpha and noise precision beta, using one SVD.
+    All classes are updated together (arrays of [classes, rank]), so 1,000 classes are no Python loop.
     """
     f = features.astype(np.float64)
     n, d = f.shape
@@ -50,30 +83,17 @@ def logme(features: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
         sigma, u = np.linalg.eigh(f @ f.T)
         keep = sigma > sigma.max() * 1e-12
         sigma, project = sigma[keep], u[:, keep].T
-    evidences = []
-    for c in range(num_classes):
-        y = (labels == c).astype(np.float64)
-        z2 = (project @ y) ** 2
-        residual_outside = max(float(y @ y - z2.sum()), 0.0)
-        alpha, beta = 1.0, 1.0
-        for _ in range(100):
-            t = alpha + beta * sigma
-            gamma = float((beta * sigma / t).sum())
-            m2 = float((beta ** 2 * sigma * z2 / t ** 2).sum())
-            res2 = float((z2 * (alpha / t) ** 2).sum()) + residual_outside
-            new_alpha, new_beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
-            converged = abs(new_alpha - alpha) / alpha < 1e-3 and abs(new_beta - beta) / beta < 1e-3
-            alpha, beta = new_alpha, new_beta
-            if converged:
-                break
-        t = alpha + beta * sigma
-        m2 = float((beta ** 2 * sigma * z2 / t ** 2).sum())
-        res2 = float((z2 * (alpha / t) ** 2).sum()) + residual_outside
-        log_det = float(np.log(t).sum()) + (d - len(sigma)) * math.log(alpha)  # zero eigenvalues add log(alpha)
-        evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta) - alpha / 2 * m2 - beta / 2 * res2
-                    - log_det / 2 - n / 2 * math.log(2 * math.pi))
-        evidences.append(evidence / n)
-    return float(np.mean(evidences))
+    z2 = class_sums(project.T, labels, num_classes) ** 2  # [classes, rank]: (project @ one_hot_c) ** 2
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)  # y_c @ y_c
+    outside = np.maximum(counts - z2.sum(1), 0.0)
+    alpha, beta = _evidence_fixed_point(sigma, z2, outside, n)
+    t = alpha[:, None] + beta[:, None] * sigma
+    m2 = (beta[:, None] ** 2 * sigma * z2 / t ** 2).sum(1)
+    res2 = (z2 * (alpha[:, None] / t) ** 2).sum(1) + outside
+    log_det = np.log(t).sum(1) + (d - len(sigma)) * np.log(alpha)  # zero eigenvalues add log(alpha)
+    evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - alpha / 2 * m2 - beta / 2 * res2
+                - log_det / 2 - n / 2 * math.log(2 * math.pi))
+    return float(np.mean(evidence / n))
 
 
 def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
@@ -83,9 +103,8 @@ def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_v
     a, b = (x_train - mean) / std, (x_val - mean) / std
     a = np.hstack([a, np.ones((len(a), 1))])
     b = np.hstack([b, np.ones((len(b), 1))])
-    targets = np.eye(num_classes)[y_train]
     evals, v = np.linalg.eigh(a.T @ a)  # one decomposition serves every penalty
-    rhs = v.T @ (a.T @ targets)
+    rhs = v.T @ class_sums(a, y_train, num_classes).T  # v.T @ a.T @ one_hot(y_train)
     best = 0.0
     for penalty in RIDGE_PENALTIES:
         w = v @ (rhs / (evals + penalty * len(a))[:, None])
@@ -188,7 +207,9 @@ def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: i
     size = "small" if train_images / num_classes < SMALL_PER_CLASS else "large"
     similarity = "similar" if final.probe_accuracy >= best.probe_accuracy - SIMILAR_MARGIN else "different"
     kept = [s.group for s in scores if s.probe_accuracy >= best.probe_accuracy - TAP_MARGIN]
-    space = SearchSpace(num_groups=g, max_steps=steps, min_tap=min(kept), max_tap=max(kept), seed=seed)
+    imbalanced = is_imbalanced(cache.data.labels[cache.data.split["train"]], num_classes)
+    space = SearchSpace(num_groups=g, max_steps=steps, min_tap=min(kept), max_tap=max(kept), seed=seed,
+                        imbalanced=imbalanced)
 
     probe = dict(head="linear", weight_decay=DEFAULT_PROBE_L2, seed=seed)
     adapt = dict(head="linear", optimizer="sgd", lr=0.02, weight_decay=1e-4, bn="frozen", steps=steps, seed=seed)
@@ -203,6 +224,7 @@ def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: i
     depth = min(2, best.group)
     candidates = [
         recommended,
+        *([dataclasses.replace(recommended, class_weight="balanced")] if imbalanced else []),
         textbook,
         best_probe,
         Strategy(tap=best.group, freeze=0, pool="avgmax", **hand),

@@ -2,7 +2,12 @@
 
 On a terminal it is a tqdm bar that disappears when the step ends; in a log (stderr not a terminal) it is one
 plain line every `interval` seconds, so a CI log or `nohup` output shows work, not a hang, and is not flooded
-with carriage returns. `AUTOTRANSFER_PROGRESS=0` silences it (tests, library use).
+with carriage returns. A step without a count (an ONNX export) is a `phase`: a line when it starts, and one
+with its duration when it ends, if it was long.
+
+`AUTOTRANSFER_PROGRESS=0` silences it (tests, library use); `AUTOTRANSFER_PROGRESS=lines` writes lines even
+on a terminal (worker processes sharing one, whose bars would overwrite each other);
+`AUTOTRANSFER_PROGRESS_INTERVAL=S` sets the seconds between two lines.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from contextlib import contextmanager
 from typing import TextIO
 
 LOG_INTERVAL = 10.0  # seconds between two lines when stderr is not a terminal
+LONG_PHASE = 5.0  # a phase that took this many seconds or more ends with a line giving its duration
 
 
 def _format_seconds(seconds: float) -> str:
@@ -63,18 +69,55 @@ class Progress:
             self._bar.close()
 
 
+def _mode() -> str:
+    return os.environ.get("AUTOTRANSFER_PROGRESS", "1").strip().lower()
+
+
 def enabled() -> bool:
-    return os.environ.get("AUTOTRANSFER_PROGRESS", "1") != "0"
+    return _mode() != "0"
+
+
+def _interval() -> float:
+    """`AUTOTRANSFER_PROGRESS_INTERVAL` when it is a number >= 0, else LOG_INTERVAL."""
+    try:
+        return max(0.0, float(os.environ["AUTOTRANSFER_PROGRESS_INTERVAL"]))
+    except (KeyError, ValueError):
+        return LOG_INTERVAL
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    return _mode() != "lines" and bool(getattr(stream, "isatty", lambda: False)())
 
 
 @contextmanager
 def progress(total: int, description: str, unit: str = "it", *, stream: TextIO | None = None,
-             interval: float = LOG_INTERVAL) -> Iterator[Progress]:
-    """A `Progress` for one step, closed when the block ends (its bar removed, even on an exception)."""
+             interval: float | None = None) -> Iterator[Progress]:
+    """A `Progress` for one step, closed when the block ends (its bar removed, even on an exception).
+
+    `interval` (seconds between two lines in a log) defaults to `AUTOTRANSFER_PROGRESS_INTERVAL` or LOG_INTERVAL.
+    """
     stream = sys.stderr if stream is None else stream
-    terminal = bool(getattr(stream, "isatty", lambda: False)())
-    p = Progress(total, description, unit, stream=stream, interval=interval, terminal=terminal, enabled=enabled())
+    interval = _interval() if interval is None else interval
+    p = Progress(total, description, unit, stream=stream, interval=interval, terminal=_is_terminal(stream),
+                 enabled=enabled())
     try:
         yield p
     finally:
         p.close()
+
+
+@contextmanager
+def phase(description: str, *, stream: TextIO | None = None, long: float = LONG_PHASE) -> Iterator[None]:
+    """A step without a count: `<description> ...` when it starts, `<description>: done in T` when it ends
+    after `long` seconds or more, so a log shows what runs now and what took the time."""
+    stream = sys.stderr if stream is None else stream
+    on = enabled()
+    if on:
+        stream.write(f"{description} ...\n")
+        stream.flush()
+    start = time.monotonic()
+    yield
+    elapsed = time.monotonic() - start
+    if on and elapsed >= long:
+        stream.write(f"{description}: done in {_format_seconds(elapsed)}\n")
+        stream.flush()

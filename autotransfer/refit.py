@@ -17,6 +17,7 @@ those once; only the fine-tuned groups and the heads are repeated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from autotransfer.backbones import Backbone
 from autotransfer.defaults import DEFAULT_REFITS
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache
 from autotransfer.model import TransferModel
+from autotransfer.progress import phase
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import TrainingDiverged, TrialResult, train_trial
 
@@ -89,9 +91,16 @@ def _check(result: TrialResult, reference: float | None) -> str | None:
     return None
 
 
+def member_count(strategy: Strategy, requested: int) -> int:
+    """Members a refit trains: one for a seed-independent strategy (every seed trains the same weights)."""
+    return min(requested, 1) if strategy.seed_independent else requested
+
+
 def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, members: int = DEFAULT_REFITS,
           device: torch.device | str = "cpu", reference_train_accuracy: float | None = None) -> RefitOutcome:
     """Train `strategy` on train+val with seeds seed, seed+1, ...; one member is returned as is.
+
+    A seed-independent strategy (`Strategy.seed_independent`) is trained once, whatever `members` says.
 
     Each member is checked (finite loss; accuracy on its training data at least the searched trial's
     `reference_train_accuracy` minus a tolerance). A failing member is retrained with the next unused seed,
@@ -99,14 +108,17 @@ def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, mem
     """
     if members < 1:
         raise ValueError(f"members must be >= 1, got {members}")
+    members = member_count(strategy, members)
     schedule = refit_schedule(strategy, cache)
     models, seeds, rejected = [], [], []
     for seed in range(strategy.seed, strategy.seed + 2 * members):
         if len(models) == members:
             break
-        try:
-            result = train_trial(dataclasses.replace(schedule, seed=seed), backbone, cache, device=device,
-                                 fit_split=TRAIN_AND_VAL)
+        name = f"refit member {len(models) + 1}/{members}" + (f" (seed {seed})" if rejected else "")
+        try:  # a fine-tune shows its steps; a head fit by L-BFGS has no count, only a line
+            with phase(f"{name}: head fit") if not schedule.trains_backbone else contextlib.nullcontext():
+                result = train_trial(dataclasses.replace(schedule, seed=seed), backbone, cache, device=device,
+                                     fit_split=TRAIN_AND_VAL, description=name)
             problem = _check(result, reference_train_accuracy)
         except TrainingDiverged as e:
             problem = str(e)

@@ -1,9 +1,12 @@
-"""Study -> tidy leaderboard (a pure function), the writers that put it on disk, and `trial_line`, the
-one-line summary of a trial that `search` and its workers print as trials finish.
+"""Study -> tidy leaderboard (a pure function), the writers that put it on disk, `trial_line`, the
+one-line summary of a trial that `search` and its workers print as trials finish, and `recall_line`, the one
+line on an export's per-class test recall.
 
 Columns (stable; `COLUMNS`): `rank` (1.. for complete trials, empty otherwise), `trial` (Optuna trial
-number), `state` (complete, pruned, fail, running), `val_accuracy` (the objective value; for pruned and
-running trials the last reported one), one column per `Strategy` field (tap, freeze, pool, head, ..., seed),
+number), `state` (complete, pruned, fail, running), `val_score` (the objective value in the study's metric, see
+`metrics.py`; for pruned and running trials the last reported one), `val_accuracy` (plain validation accuracy;
+the same as `val_score` in a study whose metric is accuracy), `val_margin` (orders equal scores, see
+`calibration.py`), one column per `Strategy` field (tap, freeze, pool, head, ..., class_weight, steps, seed),
 `steps_run` (optimizer steps of a fine-tune; 0 for a head fitted to convergence), `pruned_at` (steps run when
 pruned, empty otherwise), `seconds`, `note` (why it failed).
 """
@@ -22,16 +25,19 @@ from autotransfer.strategy import Strategy
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
 # Whole-number fields stay whole numbers (nullable) even when a failed trial has no strategy.
 _INT_COLUMNS = {f.name: "Int64" for f in Strategy.__dataclass_fields__.values() if f.type in ("int", int)}
-COLUMNS = ["rank", "trial", "state", "val_accuracy", *STRATEGY_COLUMNS, "steps_run", "pruned_at", "seconds", "note"]
+COLUMNS = ["rank", "trial", "state", "val_score", "val_accuracy", "val_margin", *STRATEGY_COLUMNS, "steps_run",
+           "pruned_at", "seconds", "note"]
 TABLE_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "leaderboard.parquet", "leaderboard.json")
 
 
-def _row(t: optuna.trial.FrozenTrial) -> dict:
+def _row(t: optuna.trial.FrozenTrial, metric: str) -> dict:
     value = t.value if t.value is not None else (
         t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None)
     note = t.user_attrs.get("fail_reason") or ""
     steps = t.user_attrs.get("steps_run")
-    return {"trial": t.number, "state": t.state.name.lower(), "val_accuracy": value,
+    accuracy = t.user_attrs.get("val_accuracy", value if metric == "accuracy" else None)
+    return {"trial": t.number, "state": t.state.name.lower(), "val_score": value, "val_accuracy": accuracy,
+            "val_margin": t.user_attrs.get("val_margin"),
             **t.user_attrs.get("strategy", {}), "steps_run": steps,
             "pruned_at": steps if t.state == optuna.trial.TrialState.PRUNED else None,
             "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""}
@@ -51,10 +57,23 @@ def trial_line(trial: optuna.trial.FrozenTrial, backbone, best: optuna.trial.Fro
             f"{trial.user_attrs.get('seconds', 0):6.1f}s  {described}{f'  [{reason}]' if reason else ''}")
 
 
+def recall_line(metrics: dict, worst: int = 5) -> str:
+    """Test balanced accuracy and the classes with the lowest test recall (all of them when there are few)."""
+    recall = {c: r for c, r in metrics.get("test_per_class_recall", {}).items() if r is not None}
+    if not recall:
+        return "per-class test recall: no test images"
+    lowest = sorted(recall.items(), key=lambda item: (item[1], item[0]))[:worst]
+    which = "per-class test recall" if len(recall) <= worst else f"lowest test recall ({worst} of {len(recall)})"
+    return (f"test balanced accuracy {metrics['test_balanced_accuracy']:.4f}, macro F1 "
+            f"{metrics['test_macro_f1']:.4f}; "
+            f"{which}: " + ", ".join(f"{c} {r:.3f}" for c, r in lowest) + "  (all in metrics.json)")
+
+
 def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.DataFrame:
     """One row per trial, best first, with the columns in `COLUMNS` (see the module docstring).
 
-    Complete trials are ranked by validation accuracy (ties: earlier trial first); pruned, failed and
+    Complete trials are ranked as `study.best_trial` ranks them (`val_score`, the study's metric, then
+    `val_margin`, then the earlier trial); pruned, failed and
     running trials follow, unranked. `study` is an Optuna study or a study name, which is looked up like
     `autotransfer report` does (default storage `studies/<name>/study.db`).
 
@@ -66,13 +85,15 @@ def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.Dat
         from autotransfer.studies import load
 
         study, _ = load(study, storage)
-    rows = [_row(t) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
+    metric = study.user_attrs.get("metric", "accuracy")  # studies from before `--metric` were scored by accuracy
+    rows = [_row(t, metric) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
-    df = df.astype({"trial": "int64", "val_accuracy": "float64", **_INT_COLUMNS, "steps_run": "Int64",
-                    "pruned_at": "Int64", "seconds": "float64"})
+    df = df.astype({"trial": "int64", "val_score": "float64", "val_accuracy": "float64", "val_margin": "float64",
+                    **_INT_COLUMNS, "steps_run": "Int64", "pruned_at": "Int64", "seconds": "float64"})
     complete = df["state"] == "complete"
     df["_order"] = (~complete).astype(int)
-    df = df.sort_values(["_order", "val_accuracy", "trial"], ascending=[True, False, True], na_position="last")
+    df = df.sort_values(["_order", "val_score", "val_margin", "trial"], ascending=[True, False, False, True],
+                        na_position="last")
     df = df.drop(columns="_order").reset_index(drop=True)
     df.insert(0, "rank", pd.array([i + 1 if c else pd.NA for i, c in enumerate(df["state"] == "complete")],
                                   dtype="Int64"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +125,13 @@ def batch_slices(n: int, sizes: Sequence[int] = (64,)) -> list[slice]:
     return slices or [slice(0, 0)]
 
 
-def run_batched(session, x: np.ndarray, *, sizes: Sequence[int] = (64,), pad: bool = False) -> np.ndarray:
+def run_batched(session, x: np.ndarray, *, sizes: Sequence[int] = (64,), pad: bool = False,
+                on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """The session's first output for the rows of `x`, run in the batches of `batch_slices(len(x), sizes)`.
 
     `pad=True` is for a model with a fixed batch size `sizes[0]`: a shorter batch is padded with zero rows,
-    whose outputs are dropped. `x` must already have the dtype the model takes.
+    whose outputs are dropped. `x` must already have the dtype the model takes. `on_batch(rows)` runs after
+    each batch (a progress's `update`).
     """
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     outputs = []
@@ -139,4 +141,6 @@ def run_batched(session, x: np.ndarray, *, sizes: Sequence[int] = (64,), pad: bo
         if pad and n < sizes[0]:
             batch = np.concatenate([batch, np.zeros((sizes[0] - n, *x.shape[1:]), x.dtype)])
         outputs.append(session.run([output_name], {input_name: batch})[0][:n])
+        if on_batch is not None:
+            on_batch(n)
     return np.concatenate(outputs)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 OPTIMIZERS = ("sgd", "adamw")
 BN_MODES = ("train", "frozen")
+CLASS_WEIGHTS = ("none", "balanced")  # "balanced": each class weighs n / (classes * count) in the loss
 # Head LR ranges per optimizer when the backbone trains (head-only trials are fitted by L-BFGS, no LR).
 LR_RANGES = {"sgd": (5e-3, 0.1), "adamw": (2e-4, 3e-3)}
 # L2 strength of a head fitted to convergence on frozen features (standardised inputs, mean loss + l2/2 ||W||^2).
@@ -49,6 +50,7 @@ class Strategy:
     bn: str = "frozen"  # BatchNorm of trainable groups: "train" (batch statistics) or "frozen" (running)
     augment: str = "none"  # fine-tuning only: "none", "shift", "crop" or "trivial" (see augment.py)
     flip: bool = False  # random horizontal flips on top of `augment` (wrong for digits and text)
+    class_weight: str = "none"  # "none" or "balanced": rare classes weigh more in the loss (searched when imbalanced)
     steps: int = 0  # optimizer steps of a fine-tune (its cosine schedule); 0 for a head fitted to convergence
     seed: int = 0
 
@@ -68,6 +70,8 @@ class Strategy:
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.bn in BN_MODES, f"bn must be one of {BN_MODES}, but got bn={self.bn!r}."),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, but got augment={self.augment!r}."),
+            (self.class_weight in CLASS_WEIGHTS, f"class_weight must be one of {CLASS_WEIGHTS}, "
+                                                 f"but got class_weight={self.class_weight!r}."),
             (self.steps >= 0, f"steps must be >= 0, but got steps={self.steps}."),
             (self.steps >= 1 or self.freeze == self.tap, f"a fine-tune needs steps >= 1, but got steps={self.steps}."),
         ]
@@ -78,6 +82,11 @@ class Strategy:
     @property
     def trains_backbone(self) -> bool:
         return self.freeze < self.tap
+
+    @property
+    def seed_independent(self) -> bool:
+        """A linear or SVM head on frozen features: a convex fit from zero, the same model whatever the seed."""
+        return not self.trains_backbone and self.head in ("linear", "svm")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,7 +107,8 @@ class Strategy:
             body = (f"fine-tune {first}..{where} after a linear probe ({self.optimizer}, "
                     f"lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
                     f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}{augment}, {self.steps} steps)")
-        return f"{self.head} head on {where} ({self.pool} pool), {body}"
+        weighted = ", class-balanced loss" if self.class_weight == "balanced" else ""
+        return f"{self.head} head on {where} ({self.pool} pool), {body}{weighted}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +126,7 @@ class SearchSpace:
     max_tap: int | None = None  # None: num_groups
     max_trainable: int | None = None  # most groups a trial fine-tunes; None: any number
     seed: int = 0
+    imbalanced: bool = False  # the train split's largest class is > 3x its smallest: `class_weight` is searched
 
     @property
     def tap_range(self) -> tuple[int, int]:
@@ -140,6 +151,7 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
         tap=tap, freeze=freeze, head=head, pool=trial.suggest_categorical("pool", POOLS),
         mlp_hidden=trial.suggest_categorical("mlp_hidden", (128, 256, 512)) if head == "mlp" else 0,
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2) if head != "svm" else 0.0,
+        class_weight=trial.suggest_categorical("class_weight", CLASS_WEIGHTS) if space.imbalanced else "none",
         seed=space.seed)
     if freeze == tap:  # a head on frozen features, fitted to convergence: only its L2 strength matters
         params["weight_decay"] = trial.suggest_float("probe_l2", *PROBE_L2_RANGE, log=True)
@@ -162,10 +174,16 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
     return Strategy(**params)
 
 
-def enqueue_params(strategy: Strategy) -> dict[str, Any]:
-    """The Optuna parameter dict that makes `suggest_strategy` return `strategy` (for enqueue_trial)."""
+def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict[str, Any]:
+    """The Optuna parameter dict that makes `suggest_strategy` return `strategy` (for enqueue_trial).
+
+    `class_weight` is a parameter only where `space` searches it (imbalanced data); without a space it is
+    given when the strategy weighs classes.
+    """
     s = strategy
     p: dict[str, Any] = dict(tap=s.tap, trainable_groups=s.tap - s.freeze, head=s.head, pool=s.pool)
+    if (space.imbalanced if space is not None else s.class_weight != "none"):
+        p["class_weight"] = s.class_weight
     if s.head == "mlp":
         p["mlp_hidden"] = s.mlp_hidden
     if s.head != "svm":

@@ -35,6 +35,7 @@ from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
 from autotransfer.fidelity import REDUCTION, StepLadder
+from autotransfer.metrics import choose_metric
 from autotransfer.optuna_compat import finished_elsewhere, trial_by_number
 from autotransfer.prior import build_prior
 from autotransfer.storage import (
@@ -70,6 +71,7 @@ class StudyConfig:
     timeout: float | None = None  # seconds for this process
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     heartbeat: int = DEFAULT_HEARTBEAT  # seconds between heartbeats; a trial silent for 3 of them is retried
+    metric: str | None = None  # the objective (metrics.METRICS); None: the study's, else chosen from the data
 
 
 def open_study(config: StudyConfig, *, backbone: Backbone | None = None,
@@ -105,13 +107,39 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """Highest validation accuracy among complete trials; ties go to the earlier (simpler, enqueued) trial.
+def rank_key(trial: optuna.trial.FrozenTrial) -> tuple[float, float, int]:
+    """Sort key of complete trials, best first: validation score (the study's metric), then validation
+    margin, then the earlier trial.
 
-    Optuna's own `best_trial` leaves the order of ties to the storage backend.
+    On few-shot data dozens of trials classify every validation image correctly; the margin
+    (`calibration.py`) still tells them apart. Trials recorded without one rank after those with one.
     """
+    return -_value(trial), -trial.user_attrs.get("val_margin", -math.inf), trial.number
+
+
+def _value(trial: optuna.trial.FrozenTrial) -> float:
+    return trial.value if trial.value is not None else -math.inf
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The first complete trial by `rank_key` (Optuna's own `best_trial` ignores the tie-break and leaves the
+    order of ties to the storage backend)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return min(complete, key=lambda t: (-t.value, t.number)) if complete else None
+    return min(complete, key=rank_key) if complete else None
+
+
+def study_metric(study: optuna.Study, config: StudyConfig, cache: ActivationCache) -> tuple[str, str]:
+    """(metric, why) of the study, stored in its user attrs on first use so a resumed study keeps it.
+
+    A different `config.metric` for a study that has one is a ConfigError (see `metrics.choose_metric`).
+    """
+    data = cache.data
+    stored = study.user_attrs.get("metric")
+    metric, why = choose_metric(config.metric, stored, data.labels[data.split["train"]], len(data.classes),
+                                has_trials=any(t.state in FINISHED for t in study.get_trials(deepcopy=False)))
+    if stored is None:
+        study.set_user_attr("metric", metric)
+    return metric, why
 
 
 def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCache) -> SearchSpace:
@@ -127,7 +155,7 @@ def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCach
     prior = build_prior(cache, max_steps=config.max_steps, seed=config.seed)
     if not study.trials:
         for s in prior.first_strategies[:config.budget]:  # no waiting trials left over past the budget
-            study.enqueue_trial(enqueue_params(s), user_attrs={"enqueued": "prior"}, skip_if_exists=True)
+            study.enqueue_trial(enqueue_params(s, prior.space), user_attrs={"enqueued": "prior"}, skip_if_exists=True)
     study.set_user_attr("search_space", dataclasses.asdict(prior.space))
     study.set_user_attr("prior", {"quadrant": prior.quadrant, "reason": prior.reason,
                                   "recommended": prior.recommended.to_dict()})
@@ -144,9 +172,11 @@ class _Objective:
     def __init__(self, study: optuna.Study, config: StudyConfig, space: SearchSpace, backbone: Backbone,
                  cache: ActivationCache) -> None:
         self.study, self.config, self.space, self.backbone, self.cache = study, config, space, backbone, cache
+        self.metric = study_metric(study, config, cache)[0]
         self.ladder = StepLadder(space.max_steps)
         self.device = pick_device(config.device)
-        self.best = max((t.value for t in study.get_trials(states=(TrialState.COMPLETE,))), default=-math.inf)
+        best = best_trial(study)
+        self.best = (-math.inf, -math.inf) if best is None else _score_of(best)
         self.failures = 0
         self.interrupted: list[int] = []
 
@@ -182,22 +212,30 @@ class _Objective:
             trial.set_user_attr("steps_run", step)
             trial.report(value, step)
             if step < strategy.steps and trial.should_prune():  # the last step's result is complete: keep it
-                raise optuna.TrialPruned(f"val accuracy {value:.4f} after {step} steps")
+                raise optuna.TrialPruned(f"val {self.metric} {value:.4f} after {step} steps")
 
         try:
             result = train_trial(strategy, self.backbone, self.cache, report=report, report_at=self.ladder.rungs,
-                                 device=self.device)
+                                 device=self.device, metric=self.metric,
+                                 description=f"trial {trial.number} fine-tune")
         except TrainingDiverged as e:
             trial.set_user_attr("fail_reason", str(e))
             raise optuna.TrialPruned(str(e)) from None
         trial.set_user_attr("steps_run", result.steps_run)
         trial.set_user_attr("train_accuracy", result.train_accuracy)
+        trial.set_user_attr("val_accuracy", result.val_accuracy)
+        trial.set_user_attr("val_margin", result.val_margin)
         best_now = best_trial(self.study)  # other workers' trials count too: keep only the study's best weights
-        self.best = max(self.best, best_now.value if best_now is not None else -math.inf)
-        if result.val_accuracy > self.best:
-            self.best = result.val_accuracy
+        self.best = max(self.best, _score_of(best_now) if best_now is not None else self.best)
+        if (result.val_score, result.val_margin) > self.best:
+            self.best = (result.val_score, result.val_margin)
             save_checkpoint(self.config.out, trial.number, result, strategy)
-        return result.val_accuracy
+        return result.val_score
+
+
+def _score_of(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """(score, margin) of a complete trial, comparable with a new trial's, larger is better."""
+    return _value(trial), trial.user_attrs.get("val_margin", -math.inf)
 
 
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,

@@ -6,8 +6,9 @@ not SGD noise. A fine-tune first fits its head the same way (LP-FT), then trains
 optimizer steps under a cosine schedule, from the cached activations at its freeze boundary or, when it
 augments, from the images (its frozen groups then run every step, without gradients).
 
-The trainer knows nothing about Optuna: a fine-tune calls `report(step, val_accuracy)` at the steps in
-`report_at` and at its last step, and the caller decides whether that stops the trial (by raising).
+The trainer knows nothing about Optuna: a fine-tune calls `report(step, value)` (the validation score in the
+study's metric, see `metrics.py`) at the steps in `report_at` and at its last step, and the caller decides
+whether that stops the trial (by raising).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ from torch import nn
 
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
+from autotransfer.calibration import validation_margin
 from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import ActivationCache
 from autotransfer.fidelity import BATCH_SIZE
 from autotransfer.heads import head_loss
+from autotransfer.metrics import balanced_class_weights, score
 from autotransfer.model import TransferModel, build_model
+from autotransfer.progress import progress
 from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
 
 Report = Callable[[int, float], None]
@@ -41,11 +45,14 @@ class TrainingDiverged(AutotransferError):
 @dataclass
 class TrialResult:
     val_accuracy: float
+    val_margin: float  # orders trials of equal validation score (see `calibration.py`)
     train_accuracy: float  # on the data it was fitted to, without augmentation (refits are checked against it)
     steps_run: int  # optimizer steps of a fine-tune; 0 for a head fitted by L-BFGS
     seconds: float
     model: TransferModel = field(repr=False)
-    history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation accuracy) at each report
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation score) at each report
+    val_score: float | None = None  # the study's metric (`metric`) on the validation split: the objective
+    metric: str = "accuracy"
 
 
 def param_groups(model: TransferModel, strategy: Strategy) -> list[dict]:
@@ -91,25 +98,56 @@ def _optimizer(groups: list[dict], strategy: Strategy) -> torch.optim.Optimizer:
 
 
 @torch.no_grad()
+def logits_of(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cache: ActivationCache,
+              device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """float32 logits [len(x), classes] on the CPU of `forward` on stored rows `x` of `cache` (any boundary)."""
+    device = torch.device(device)
+    out = []
+    for i in range(0, len(x), batch_size):
+        with autocast(device):
+            out.append(forward(_to_input(x[i:i + batch_size], device, cache)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
 def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
              cache: ActivationCache, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
     """Top-1 accuracy of `forward` on stored rows `x` of `cache` (any boundary, any stored dtype)."""
-    correct = 0
-    device = torch.device(device)
-    for i in range(0, len(x), batch_size):
-        with autocast(device):
-            logits = forward(_to_input(x[i:i + batch_size], device, cache))
-        correct += int((logits.argmax(1).cpu() == y[i:i + batch_size]).sum())
-    return correct / max(1, len(x))
+    return evaluate(forward, x, y, cache, device, batch_size=batch_size)[0]
+
+
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+             cache: ActivationCache, device: torch.device | str = "cpu", metric: str = "accuracy", *,
+             batch_size: int = 256) -> tuple[float, float, float]:
+    """(accuracy, `metric`, margin) of `forward` on stored rows `x` with labels `y`, from one pass of logits.
+
+    The margin orders trials of equal `metric` (see `calibration.py`).
+    """
+    if len(x) == 0:
+        return 0.0, 0.0, 0.0
+    logits = logits_of(forward, x, cache, device, batch_size)
+    predicted, classes = logits.argmax(1), len(cache.data.classes)
+    return score("accuracy", predicted, y, classes), score(metric, predicted, y, classes), validation_margin(logits, y)
+
+
+def class_weights(strategy: Strategy, y: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Per-class loss weights of `strategy.class_weight` on the labels it trains on (None: unweighted)."""
+    return balanced_class_weights(y.cpu(), num_classes) if strategy.class_weight == "balanced" else None
+
+
+def _criterion(s: Strategy, y: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:
+    """The head's loss, class-weighted on the labels `y` it trains on when the strategy says so."""
+    weight = class_weights(s, y, num_classes)
+    return head_loss(s.head, label_smoothing=s.label_smoothing, weight=None if weight is None else weight.to(device))
 
 
 def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: Strategy, *,
-             l2: float | None = None) -> None:
+             l2: float | None = None, weight: torch.Tensor | None = None) -> None:
     """Fit a head to convergence on pooled features `x` by full-batch L-BFGS (in place).
 
     The head's BatchNorm standardises with the statistics of `x` (its affine part stays the identity), the
     final linear layer starts at zero, and the loss is convex for linear and SVM heads: the fit does not
-    depend on the seed. `l2` (default: the strategy's `weight_decay`) penalises l2/2 * ||W||^2.
+    depend on the seed. `l2` (default: the strategy's `weight_decay`) penalises l2/2 * ||W||^2; `weight`
+    weighs each class in the loss.
     """
     l2 = strategy.weight_decay if l2 is None else l2
     norm, layers = head[0], head[1:]
@@ -121,7 +159,8 @@ def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: St
     head.eval()  # BatchNorm on the statistics just set, dropout off: a deterministic objective
     params = [p for p in layers.parameters() if p.requires_grad]
     weights = [p for p in params if p.ndim > 1]
-    criterion = head_loss(strategy.head, label_smoothing=strategy.label_smoothing)
+    criterion = head_loss(strategy.head, label_smoothing=strategy.label_smoothing,
+                          weight=None if weight is None else weight.to(x.device))
     optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=LBFGS_ITERATIONS, history_size=20,
                                   tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
     features = norm(x).detach()
@@ -180,9 +219,12 @@ def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache:
 
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, report: Report | None = None,
                 report_at: Sequence[int] = (), device: torch.device | str = "cpu", use_cache: bool = True,
-                fit_split: str = "train") -> TrialResult:
-    """Train `strategy`; return its final validation accuracy (and its accuracy on the data it was fitted to).
+                fit_split: str = "train", metric: str = "accuracy", description: str = "fine-tune") -> TrialResult:
+    """Train `strategy`; return its final validation accuracy and `metric` (and its accuracy on the data it
+    was fitted to). Reports at `report_at` and the history are in `metric`, the study's objective.
 
+    A fine-tune shows its optimizer steps as a progress named `description` (see `progress.py`); a head
+    fitted by L-BFGS takes seconds and shows none.
     `use_cache=False` computes everything from the images instead (the naive baseline of
     `benchmarks/search_speed.py`); the training itself is the same.
     `fit_split="train+val"` trains on both splits (the final refit, see `refit.py`); the validation accuracy
@@ -196,16 +238,18 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     x_fit, y_fit = _pooled(model, cache, fit_split, use_cache, device)
     with threads(1) if device.type == "cpu" else contextlib.nullcontext():  # tiny full-batch matrix products
         fit_head(model.head, x_fit.to(device), y_fit.to(device), s,
-                 l2=None if not s.trains_backbone else DEFAULT_PROBE_L2)
+                 l2=None if not s.trains_backbone else DEFAULT_PROBE_L2,
+                 weight=class_weights(s, y_fit, len(cache.data.classes)))
     if not s.trains_backbone:
         x_val, y_val = _pooled(model, cache, "val", use_cache, device)
         with torch.no_grad():
-            val = accuracy(model.head, x_val, y_val, cache, device)
+            val, val_score, margin = evaluate(model.head, x_val, y_val, cache, device, metric)
             train = accuracy(model.head, x_fit, y_fit, cache, device)
         model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-        return TrialResult(val_accuracy=val, train_accuracy=train, steps_run=0,
-                           seconds=time.perf_counter() - start_time, model=model)
-    return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time)
+        return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
+                           seconds=time.perf_counter() - start_time, model=model, val_score=val_score, metric=metric)
+    return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
+                      description)
 
 
 def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callable[[], None]):
@@ -223,8 +267,9 @@ def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callab
 
 
 def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
-               report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float) -> TrialResult:
-    """`s.steps` optimizer steps from the fitted head; reports validation accuracy at `report_at` and at the end."""
+               report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float,
+               metric: str, description: str) -> TrialResult:
+    """`s.steps` optimizer steps from the fitted head; reports validation `metric` at `report_at` and at the end."""
     augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
     # The cache serves the freeze boundary, or the nearest one it stores below (frozen groups run in between);
     # augmented views are new: they start from the images. Evaluation has no augmentation: the cache serves it.
@@ -236,48 +281,49 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
     optimizer = _optimizer(param_groups(model, s), s)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.steps)
-    criterion = head_loss(s.head, label_smoothing=s.label_smoothing)
+    criterion = _criterion(s, y_train, len(cache.data.classes), device)
     generator = torch.Generator().manual_seed(s.seed)
     y_train = y_train.to(device)
     checkpoints = set(report_at) if report is not None else set()
 
-    def forward_train(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_from(x, start)
-
-    def forward_eval(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_from(x, evaluate_from)
+    forward_train = lambda x: model.forward_from(x, start)
+    forward_eval = lambda x: model.forward_from(x, evaluate_from)
 
     def validate() -> float:
         model.eval()
-        value = accuracy(forward_eval, x_val, y_val, cache, device)
+        value = evaluate(forward_eval, x_val, y_val, cache, device, metric)[1]
         _set_train_mode(model, s, new_epoch=False)
         return value
 
     history: list[tuple[int, float]] = []
     step = 0
-    for idx in _batches(len(x_train), s.steps, generator, on_epoch=lambda: _set_train_mode(model, s)):
-        batch = x_train[idx]
-        if augment is not None:
-            batch = augment_batch(batch, augment)
-        with autocast(device):
-            loss = criterion(forward_train(_to_input(batch, device, cache)).float(), y_train[idx.to(device)])
-        if s.l2sp_alpha > 0:
-            loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        if step in checkpoints and step < s.steps:
-            history.append((step, validate()))
-            report(step, history[-1][1])
+    with progress(s.steps, description, "steps") as shown:  # one cheap update per step
+        for idx in _batches(len(x_train), s.steps, generator, on_epoch=lambda: _set_train_mode(model, s)):
+            batch = x_train[idx]
+            if augment is not None:
+                batch = augment_batch(batch, augment)
+            with autocast(device):
+                loss = criterion(forward_train(_to_input(batch, device, cache)).float(), y_train[idx.to(device)])
+            if s.l2sp_alpha > 0:
+                loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            shown.update()
+            if step in checkpoints and step < s.steps:
+                history.append((step, validate()))
+                report(step, history[-1][1])
     model.eval()
-    history.append((step, accuracy(forward_eval, x_val, y_val, cache, device)))
+    val, val_score, margin = evaluate(forward_eval, x_val, y_val, cache, device, metric)
+    history.append((step, val_score))
     if report is not None:
         report(step, history[-1][1])
     train = accuracy(forward_eval, x_fit_eval, cache.labels[cache.slices[fit_split]], cache, device)
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-    return TrialResult(val_accuracy=history[-1][1], train_accuracy=train, steps_run=step,
-                       seconds=time.perf_counter() - start_time, model=model, history=history)
+    return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=step,
+                       seconds=time.perf_counter() - start_time, model=model, history=history, val_score=val_score,
+                       metric=metric)

@@ -10,6 +10,7 @@ the activation cache once and persists it in the output folder, and each worker 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -24,6 +25,7 @@ from autotransfer.data import ImageData
 from autotransfer.device import configure_threads
 from autotransfer.errors import EXIT_INTERRUPTED, EXIT_USAGE, AutotransferError
 from autotransfer.features import DEFAULT_DISK_LIMIT, DEFAULT_MEMORY_LIMIT
+from autotransfer.progress import enabled
 from autotransfer.report import trial_line
 from autotransfer.study import StudyConfig
 
@@ -72,6 +74,8 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     configure_threads(workers)
+    if enabled():  # N bars on one terminal would overwrite each other: lines, each naming its trial
+        os.environ["AUTOTRANSFER_PROGRESS"] = "lines"
     with sigterm_as_interrupt():  # the parent forwards Ctrl-C once, as SIGTERM (SIGINT is ignored here)
         try:
             study = open_study(config, backbone=backbone, data_fingerprint=data.fingerprint)

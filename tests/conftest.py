@@ -1,6 +1,12 @@
-"""Shared fixtures: a tiny 3-group CNN registered as a backbone, and digits at 16 px, so tests run in seconds."""
+"""Shared fixtures: a tiny 3-group CNN registered as a backbone, and digits at 16 px, so tests run in seconds.
+
+The suite runs quiet: progress is off (also in the CLI subprocesses it starts, which inherit the environment);
+a test of progress turns it on with `monkeypatch.setenv("AUTOTRANSFER_PROGRESS", "1")`.
+"""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -39,6 +45,27 @@ def digits16():
     return load_data("digits", image_size=16, seed=0)
 
 
+def write_imbalanced_digits(folder, *, common: int = 60, rare: int = 12) -> str:
+    """Digits as PNG class folders: `common` images of each of 0-4, `rare` of each of 5-9 (train split 42 vs 8)."""
+    import numpy as np
+    from PIL import Image
+
+    from autotransfer.data import load_data as load
+
+    digits = load("digits", image_size=16, seed=0)
+    for c in range(10):
+        (folder / str(c)).mkdir(parents=True, exist_ok=True)
+        rows = np.flatnonzero(digits.labels.numpy() == c)[:common if c < 5 else rare]
+        for i in rows:
+            Image.fromarray(digits.images[i].permute(1, 2, 0).numpy()).save(folder / str(c) / f"{i}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def imbalanced16(tmp_path_factory):
+    return load_data(write_imbalanced_digits(tmp_path_factory.mktemp("imbalanced")), image_size=16, seed=0)
+
+
 @pytest.fixture()
 def tiny():
     return tiny_backbone()
@@ -47,6 +74,12 @@ def tiny():
 @pytest.fixture()
 def tiny_cache(tiny, digits16):
     return ActivationCache(tiny, digits16)
+
+
+def pytest_configure(config):
+    """Set here, not at import: `tests.tiny_cli` imports this module in subprocesses that may turn progress on."""
+    os.environ["AUTOTRANSFER_PROGRESS"] = "0"
+    os.environ.pop("AUTOTRANSFER_PROGRESS_INTERVAL", None)
 
 
 def pytest_collection_modifyitems(config, items):

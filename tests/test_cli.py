@@ -251,3 +251,37 @@ def test_small_images_are_tried_upscaled_and_the_choice_is_kept(tmp_path, capsys
     assert record["chosen"] == min(int(s) for s, a in record["probe_accuracy"].items() if a >= top - 0.01)
     monkeypatch.setattr(resolution, "best_probe", lambda cache: pytest.fail("measured again"))
     assert main(args) == 0
+
+
+def test_a_search_logs_progress_lines_to_stderr_when_it_is_not_a_terminal(tmp_path):
+    """The real CLI in a subprocess, stderr a pipe: each fine-tune's steps, each refit member and the export's
+    phases are plain lines on stderr (every update, with the interval at 0); stdout keeps only the results."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "AUTOTRANSFER_PROGRESS": "1",
+           "AUTOTRANSFER_PROGRESS_INTERVAL": "0"}
+    cmd = [sys.executable, "-m", "tests.tiny_cli", "search", "digits", "--backbone", TINY, "--image-size", "16",
+           "--budget", "4", "--max-steps", "20", "--out", str(tmp_path / "run"), "--precision", "fp16"]
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    err = done.stderr
+    board = pd.read_csv(tmp_path / "run" / "leaderboard.csv")
+    fine_tunes = board[board.steps_run > 0]
+    assert len(fine_tunes) >= 1, "the prior's first trials include a fine-tune"
+    for trial, steps_run in zip(fine_tunes.trial, fine_tunes.steps_run, strict=True):
+        shown = [int(k) for k, n in re.findall(rf"^trial {trial} fine-tune: (\d+)/(\d+) steps ", err, re.MULTILINE)
+                 if n == "20"]
+        assert shown == list(range(1, min(int(steps_run), 19) + 1)), trial  # no line for the last step
+    for k in (1, 2, 3):
+        assert re.search(rf"^refit member {k}/3: (head fit \.\.\.|\d+/\d+ steps )", err, re.MULTILINE), k
+    for line in ("export: ONNX export ...", "export: test split through onnxruntime: 64/269 images",
+                 "export: test split through PyTorch (parity): 64/269 images", "export: fp16 variant ...",
+                 "export: test split through model.fp16.onnx: 64/269 images"):
+        assert line in err, line
+    assert "\r" not in err, "no bar in a log"
+    assert " steps (" not in done.stdout and "export:" not in done.stdout

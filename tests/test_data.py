@@ -93,3 +93,46 @@ def test_digits_shifted_is_the_same_digits_inverted():
     plain, shifted = load_data("digits", image_size=32), load_data("digits_shifted", image_size=32)
     assert torch.equal(plain.labels, shifted.labels) and plain.classes == shifted.classes
     assert plain.images.float().mean() < 80 and shifted.images.float().mean() > 170, "dark on light"
+
+
+@pytest.mark.parametrize("fractions", [(0.70, 0.15, 0.15), (0.1, 0.45, 0.45), (0.98, 0.01, 0.01)])
+def test_stratified_split_keeps_every_class_in_every_split(fractions):
+    from autotransfer.data import _stratified_split
+
+    counts = [3, 4, 5, 7, 40, 300]  # from the fewest a split allows to a big class
+    labels = np.repeat(np.arange(len(counts)), counts)
+    split = _stratified_split(labels, [f"c{i}" for i in range(len(counts))], fractions, seed=1)
+    assert np.array_equal(np.sort(np.concatenate(list(split.values()))), np.arange(len(labels))), "a partition"
+    for s in ("train", "val", "test"):
+        assert np.bincount(labels[split[s]], minlength=len(counts)).min() >= 1, f"a class is missing from {s}"
+    if fractions == (0.70, 0.15, 0.15):
+        assert [int((labels[split["train"]] == c).sum()) for c in range(len(counts))] == [1, 2, 3, 5, 28, 210]
+
+
+def test_a_three_image_class_lands_in_train_val_and_test(tmp_path):
+    _write_images(tmp_path / "big", 30)
+    _write_images(tmp_path / "rare", 3, value=100)
+    d = load_data(str(tmp_path), image_size=16)
+    rare = d.classes.index("rare")
+    assert [int((d.labels[d.split[s]] == rare).sum()) for s in ("train", "val", "test")] == [1, 1, 1]
+
+
+def test_classes_with_fewer_than_three_images_are_one_clear_error(tmp_path):
+    _write_images(tmp_path / "a", 6)
+    for name, n in (("b", 2), ("c", 1), ("d", 2)):
+        _write_images(tmp_path / name, n)
+    with pytest.raises(DataError) as e:
+        load_data(str(tmp_path), image_size=16)
+    message = str(e.value)
+    assert message.startswith("Class 'b' has 2 image(s) (and 2 more class(es) with fewer than 3); a train/val/test")
+    assert "\n" not in message and "Add images to it or remove the class" in message
+
+
+def test_labels_follow_the_sorted_class_names(tmp_path):
+    names = [f"k{i:03d}" for i in range(40)]
+    for i, name in enumerate(reversed(names)):  # created in reverse: the order must not matter
+        _write_images(tmp_path / name, 3, value=i)
+    d = load_data(str(tmp_path), image_size=16)
+    assert d.classes == tuple(names)
+    assert torch.equal(torch.bincount(d.labels), torch.full((40,), 3))
+    assert all(len(set(d.labels[d.split[s]].tolist())) == 40 for s in ("train", "val", "test"))

@@ -11,7 +11,7 @@ from autotransfer.cli import main
 from autotransfer.export import cpu_session, export_onnx, verify
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
 from autotransfer.model import TransferModel
-from autotransfer.refit import Ensemble, refit, refit_schedule
+from autotransfer.refit import Ensemble, member_count, refit, refit_schedule
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import train_trial
 from tests.conftest import TINY
@@ -84,8 +84,10 @@ def test_search_exports_the_refit_and_refit_0_the_trial_as_searched(tmp_path, ca
     assert _search(tmp_path / "a", "--refit", "2") == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "a" / "best" / "metrics.json").read_text())
-    assert metrics["refits"] == 2 and metrics["trained_on"] == "train+val"
-    assert "2 time(s) on train+val" in out and "(2 refits on train+val)" in out
+    strategy = Strategy.from_dict(json.loads((tmp_path / "a" / "best" / "strategy.json").read_text()))
+    n = member_count(strategy, 2)
+    assert metrics["refits"] == n and metrics["trained_on"] == "train+val"
+    assert f"{n} time(s) on train+val" in out and f"({n} refit{'s' if n > 1 else ''} on train+val)" in out
 
     assert _search(tmp_path / "b", "--refit", "0") == 0
     assert "train+val" not in capsys.readouterr().out
@@ -100,6 +102,15 @@ def test_a_negative_refit_count_fails_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--refit must be at least 0, got -1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_a_seed_independent_strategy_is_refit_once(tiny, digits16):
+    head_only = Strategy(tap=2, freeze=2, head="linear")
+    outcome = refit(head_only, tiny, ActivationCache(tiny, digits16), members=3)
+    assert outcome.seeds == (0,) and not isinstance(outcome.model, Ensemble)
+    assert member_count(head_only, 3) == 1 and member_count(head_only, 0) == 0
+    assert member_count(dataclasses.replace(head_only, head="mlp", mlp_hidden=8), 3) == 3, "MLP: seeded init"
+    assert member_count(FINE_TUNE, 3) == 3
 
 
 def test_a_refit_keeps_the_trials_epochs_on_its_larger_data(tiny, digits16):

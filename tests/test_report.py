@@ -19,9 +19,11 @@ import autotransfer
 from autotransfer.cli import main
 from autotransfer.export import cpu_session
 from autotransfer.html_report import write_report
+from autotransfer.refit import member_count
 from autotransfer.report import COLUMNS, STRATEGY_COLUMNS, TABLE_FILES, leaderboard, trial_line, write_tables
 from autotransfer.strategy import Strategy
 from autotransfer.studies import record_source
+from autotransfer.study import best_trial
 from tests.conftest import TINY
 
 matplotlib.use("Agg")
@@ -54,6 +56,18 @@ def _made_up(storage=None, name="made_up"):
     return study
 
 
+def test_the_validation_margin_breaks_ties_in_the_leaderboard_as_in_best_trial():
+    study = optuna.create_study(direction="maximize")
+    _add(study, TrialState.COMPLETE, 1.0, tap=3, freeze=3, attrs={"val_margin": 0.5})  # 0
+    _add(study, TrialState.COMPLETE, 1.0, tap=2, freeze=2, attrs={"val_margin": 0.9})  # 1: same accuracy, clearer
+    _add(study, TrialState.COMPLETE, 1.0, tap=1, freeze=1)  # 2: recorded without a margin
+    _add(study, TrialState.COMPLETE, 0.95, tap=2, freeze=1, attrs={"val_margin": 5.0})  # 3: margin never beats accuracy
+    board = leaderboard(study)
+    assert list(board.trial) == [1, 0, 2, 3]
+    assert best_trial(study).number == 1
+    assert board.val_margin.iloc[0] == 0.9 and pd.isna(board.val_margin.iloc[2])
+
+
 @pytest.fixture()
 def made_up():
     return _made_up()
@@ -62,13 +76,14 @@ def made_up():
 def test_leaderboard_columns_order_and_every_state(made_up):
     board = leaderboard(made_up)
     assert list(board.columns) == COLUMNS
-    assert COLUMNS[:4] == ["rank", "trial", "state", "val_accuracy"] and COLUMNS[-4:] == [
-        "steps_run", "pruned_at", "seconds", "note"] and COLUMNS[4:-4] == STRATEGY_COLUMNS
+    assert COLUMNS[:6] == ["rank", "trial", "state", "val_score", "val_accuracy", "val_margin"] and COLUMNS[-4:] == [
+        "steps_run", "pruned_at", "seconds", "note"] and COLUMNS[6:-4] == STRATEGY_COLUMNS
+    assert board.val_score.equals(board.val_accuracy), "a study without a metric was scored by accuracy"
     assert list(board.trial) == [2, 0, 4, 1, 3, 5], "complete by accuracy (tie: earlier trial), then the rest"
     assert list(board.state) == ["complete"] * 3 + ["pruned", "fail", "running"]
     assert list(board["rank"].iloc[:3]) == [1, 2, 3] and board["rank"].iloc[3:].isna().all()
     pruned = board.set_index("trial").loc[1]
-    assert pruned.val_accuracy == 0.4 and pruned.pruned_at == 2 and pruned.steps_run == 2
+    assert pruned.val_score == 0.4 and pruned.val_accuracy == 0.4 and pruned.pruned_at == 2 and pruned.steps_run == 2
     assert board.pruned_at.isna().sum() == 5, "only the pruned trial has a pruned_at"
     failed = board.set_index("trial").loc[3]
     assert math.isnan(failed.val_accuracy) and failed.note == "RuntimeError: CUDA out of memory"
@@ -168,7 +183,10 @@ def test_report_after_search_writes_every_file(searched, capsys):
     assert page.count("data:image/png;base64,") == len(PLOTS) and "src='http" not in page
     metrics = json.loads((searched / "best" / "metrics.json").read_text())
     assert f"Trial {best.number}</b>" in page and f"{metrics['test_accuracy']:.4f}" in page
-    assert "the strategy refit 3 times on train+val, averaged" in page
+    strategy = Strategy.from_dict(best.user_attrs["strategy"])
+    assert metrics["refits"] == member_count(strategy, 3)
+    assert ("the strategy refit once on train+val" if strategy.seed_independent
+            else "the strategy refit 3 times on train+val, averaged") in page
     assert "linear head on" in page or "svm head on" in page or "mlp head on" in page
     assert page.count("<tr") == 1 + 3, "--top 3 rows in the page"
     assert f"best: trial {best.number}" in printed and str(folder / "report.html") in printed
@@ -221,9 +239,10 @@ def test_export_by_default_reproduces_the_model_search_exported(searched, capsys
     best = json.loads((searched / "best" / "metrics.json").read_text())
     capsys.readouterr()
     assert main(["export", "--out", str(searched), "--dest", str(searched / "again")]) == 0
-    assert "training its strategy 3 time(s) on train+val" in capsys.readouterr().err
+    members = member_count(Strategy.from_dict(_open(searched).trials[best["trial"]].user_attrs["strategy"]), 3)
+    assert f"training its strategy {members} time(s) on train+val" in capsys.readouterr().err
     again = json.loads((searched / "again" / "metrics.json").read_text())
-    assert best["refits"] == again["refits"] == 3 and again["trial"] == best["trial"]
+    assert best["refits"] == again["refits"] == members and again["trial"] == best["trial"]
     x = np.random.default_rng(0).standard_normal((5, 3, 16, 16)).astype(np.float32)
     outputs = [cpu_session(folder / "model.onnx").run(["logits"], {"input": x})[0] for folder in
                (searched / "best", searched / "again")]
@@ -292,3 +311,15 @@ def test_optuna_cli_reads_our_study_with_readable_names(searched):
     assert best["value"] == board.val_accuracy.iloc[0]
     assert best["number"] in set(board[board.val_accuracy == best["value"]].trial)
     assert best["params"]["head"] == board.set_index("trial").loc[best["number"], "head"]
+
+
+def test_leaderboard_ranks_by_the_studys_metric_and_keeps_accuracy_apart():
+    study = optuna.create_study(direction="maximize")
+    study.set_user_attr("metric", "balanced_accuracy")
+    _add(study, TrialState.COMPLETE, 0.60, tap=3, freeze=3, attrs={"val_accuracy": 0.95})  # 0: ignores a rare class
+    _add(study, TrialState.COMPLETE, 0.85, tap=2, freeze=2, attrs={"val_accuracy": 0.90})  # 1
+    _add(study, TrialState.PRUNED, tap=2, freeze=0, steps=(0.3, 0.5))  # 2: no accuracy recorded
+    board = leaderboard(study).set_index("trial")
+    assert list(board.index) == [1, 0, 2], "ranked by balanced accuracy, not accuracy"
+    assert list(board.val_score) == [0.85, 0.60, 0.5] and list(board.val_accuracy[:2]) == [0.90, 0.95]
+    assert math.isnan(board.loc[2, "val_accuracy"]), "a pruned trial's last report is its score, not its accuracy"

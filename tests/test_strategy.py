@@ -70,6 +70,7 @@ def SpaceWithSeed(seed):  # noqa: N802 - reads like a constructor
     (dict(tap=2, freeze=1, lr_ratio=2.0), "lr_ratio"), (dict(tap=2, freeze=2, head="mlp"), "mlp_hidden"),
     (dict(tap=2, freeze=2, lr=math.nan), "lr"), (dict(tap=2, freeze=1, steps=0), "steps"),
     (dict(tap=2, freeze=1, steps=10, augment="mixup"), "augment"),
+    (dict(tap=2, freeze=2, class_weight="auto"), "class_weight"),
 ])
 def test_invalid_strategies_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -92,3 +93,34 @@ def test_a_narrowed_space_keeps_taps_and_fine_tuning_depth_inside_its_bounds():
     assert {s.tap for s in strategies} == {4, 5, 6, 7}
     assert {s.tap - s.freeze for s in strategies} == {0, 1, 2}
     assert all(s.steps == space.max_steps for s in strategies if s.trains_backbone)
+
+
+def _draw(space, n=120):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((suggest_strategy(trial, space), trial.params))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_class_weight_is_searched_only_on_imbalanced_data():
+    balanced = _draw(SearchSpace(num_groups=9, max_steps=120))
+    assert all("class_weight" not in params and s.class_weight == "none" for s, params in balanced), \
+        "balanced data keeps today's space"
+    imbalanced = _draw(SearchSpace(num_groups=9, max_steps=120, imbalanced=True))
+    assert all("class_weight" in params for _, params in imbalanced)
+    for frozen in (True, False):  # head-only fits and fine-tunes both get the choice
+        assert {s.class_weight for s, _ in imbalanced if s.trains_backbone != frozen} == {"none", "balanced"}
+
+
+@pytest.mark.parametrize("strategy", [Strategy(tap=3, freeze=3, class_weight="balanced"),
+                                      Strategy(tap=3, freeze=3), Strategy(tap=4, freeze=1, steps=120,
+                                                                          class_weight="balanced")])
+def test_enqueue_params_reproduce_class_weights_on_an_imbalanced_space(strategy):
+    space = SearchSpace(num_groups=9, max_steps=120, imbalanced=True)
+    params = enqueue_params(strategy, space)
+    assert params["class_weight"] == strategy.class_weight
+    assert suggest_strategy(optuna.trial.FixedTrial(params), space) == strategy
+    assert "class_weight" not in enqueue_params(Strategy(tap=3, freeze=3), SearchSpace(num_groups=9))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from autotransfer.defaults import DEFAULT_REFITS, DEVICES
+from autotransfer.defaults import DEFAULT_REFITS, DEVICES, IMBALANCE_RATIO, METRICS
 
 
 def int_at_least(name: str, example: int, minimum: int = 1):
@@ -90,3 +90,11 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", action="append", default=None, metavar="fp32|fp16|int8",
                         help="also write model.fp16.onnx / model.int8.onnx, each checked against fp32 on the test "
                              "split (repeat or comma-separate; default: fp32 only)")
+
+
+def add_metric_argument(parser: argparse.ArgumentParser) -> None:
+    """`--metric accuracy|balanced_accuracy|macro_f1`: the study's objective (see `autotransfer.metrics`)."""
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="validation metric the search maximises (default: balanced_accuracy when the largest "
+                             f"train class has more than {IMBALANCE_RATIO:g}x the images of the smallest, else "
+                             "accuracy; a resumed study keeps its metric)")

@@ -1,6 +1,6 @@
 """What the commands print about an export: one summary line, a line per fp16/int8 variant, the model's path.
 
-`print_export` is the whole block; `search` prints `export_line` after "best: trial N".
+`print_export` is the whole block; `search` prints `export_line` after "best: trial N", then `recall_line`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from pathlib import Path
 def export_line(metrics: dict) -> str:
     """`val V  test T (onnxruntime, N images)  max |onnx - torch| D` and how the model was trained."""
     m = metrics
-    return (f"val {m['val_accuracy']:.4f}  test {m['test_accuracy']:.4f} (onnxruntime, {m['test_images']} images)  "
+    metric = m.get("metric", "accuracy")
+    score = "" if metric == "accuracy" else f" ({metric} {m['val_score']:.4f})"
+    return (f"val {m['val_accuracy']:.4f}{score}  test {m['test_accuracy']:.4f} "
+            f"(onnxruntime, {m['test_images']} images)  "
             f"max |onnx - torch| {m['onnx_max_abs_diff']:.1e}{describe_training(m)}")
 
 
@@ -19,6 +22,10 @@ def print_export(label: str, metrics: dict, folder: Path) -> None:
     """`<label>: <export_line>`, then each variant (`print_variants`), then `model: <folder>/model.onnx`."""
     print(f"{label}: {export_line(metrics)}")
     print_variants(metrics)
+    if "test_per_class_recall" in metrics:
+        from autotransfer.report import recall_line  # the predict-only image has no pandas or optuna
+
+        print(recall_line(metrics))
     print(f"model: {folder / 'model.onnx'}")
 
 
@@ -39,3 +46,4 @@ def print_variants(metrics: dict) -> None:
         flag = f"  DEGRADED: loses {100 * v['accuracy_drop']:.1f} points (> 1)" if v["degraded"] else ""
         print(f"{p}: {v['file']}  test {v['test_accuracy']:.4f}  top-1 agreement with fp32 "
               f"{v['top1_agreement']:.4f}  {v['size_bytes'] / 1e6:.1f} MB{flag}")
+

@@ -106,7 +106,11 @@ class Export(Command):
         dest = args.dest or out / f"trial_{number}"
         writable(dest.parent)
         if args.refit:
-            print(f"trial {number}: training its strategy {args.refit} time(s) on train+val (--refit 0 exports the "
+            from autotransfer.refit import member_count
+            from autotransfer.strategy import Strategy
+
+            times = member_count(Strategy.from_dict(study.trials[number].user_attrs["strategy"]), args.refit)
+            print(f"trial {number}: training its strategy {times} time(s) on train+val (--refit 0 exports the "
                   "trial as searched)", file=sys.stderr)
         elif not checkpoint_path(out, number).is_file():
             print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "

@@ -11,6 +11,7 @@ from autotransfer import __version__
 from autotransfer.cli.arguments import (
     add_data_arguments,
     add_max_steps_argument,
+    add_metric_argument,
     add_precision_argument,
     add_refit_argument,
     int_at_least,
@@ -42,6 +43,7 @@ class Search(Command):
         parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
         parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
         add_max_steps_argument(parser)
+        add_metric_argument(parser)
         parser.add_argument("--workers", type=int_at_least("--workers", 2), default=1,
                             help="worker processes on this machine, sharing the CPU threads (default: 1)")
         parser.add_argument("--heartbeat", type=int_at_least("--heartbeat", 10), default=None,
@@ -61,7 +63,7 @@ class Search(Command):
         name = args.study_name or cache.data.name
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
                              budget=args.budget, seed=args.seed, max_steps=args.max_steps, timeout=args.timeout,
-                             device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT)
+                             device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT, metric=args.metric)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
                       weights=args.weights, group_names=backbone.group_names)
@@ -122,7 +124,11 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     bar.close()
     best = best_trial(study)
     if refits and best is not None:
-        print(f"training the best strategy (trial {best.number}) {refits} time(s) on train+val for the export",
+        from autotransfer.refit import member_count
+        from autotransfer.strategy import Strategy
+
+        times = member_count(Strategy.from_dict(best.user_attrs["strategy"]), refits)
+        print(f"training the best strategy (trial {best.number}) {times} time(s) on train+val for the export",
               flush=True)
     result = finish_study(study, config, backbone, cache, precision=precision, refits=refits)
     _print_summary(study, config, result)
@@ -132,13 +138,14 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
 def _print_setting(study, config, backbone, cache) -> None:
     """The data, the study, the activation cache and the prior's space, before the first trial."""
     from autotransfer.fidelity import BATCH_SIZE, StepLadder
-    from autotransfer.study import search_space
+    from autotransfer.study import search_space, study_metric
 
     data = cache.data
+    metric, why = study_metric(study, config, cache)  # before any output: a conflicting --metric fails in one line
     print(f"autotransfer {__version__}: {data.name} ({len(data.labels)} images, {len(data.classes)} classes, "
           f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
           f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
-    print(f"study {config.study_name!r} in {config.storage}")
+    print(f"study {config.study_name!r} in {config.storage}; objective: validation {metric} ({why})")
     space = search_space(study, config, cache)
     ladder = StepLadder(space.max_steps)
     cache.load()  # load (or compute and persist) now: the line below reports it, and workers load it
@@ -153,17 +160,18 @@ def _print_setting(study, config, backbone, cache) -> None:
 
 def _print_summary(study, config, result) -> None:
     """The top of the leaderboard, the exported model's figures, and where everything is."""
-    from autotransfer.report import leaderboard, to_markdown
+    from autotransfer.report import leaderboard, recall_line, to_markdown
     from autotransfer.study import default_storage
 
     board = leaderboard(study)
-    cols = ["rank", "trial", "state", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
+    cols = ["rank", "trial", "state", "val_score", "val_accuracy", "tap", "freeze", "pool", "head", "optimizer", "lr",
             "lr_ratio", "augment", "steps_run", "seconds"]
     print("\nTop 10 strategies:")
     print(to_markdown(board[cols].head(10)))
     m = result.metrics
     print(f"\nbest: trial {m['trial']}  {export_line(m)}")
     print_variants(m)
+    print(recall_line(m))
     print(f"model: {result.folder / 'model.onnx'}\nleaderboard: {config.out / 'leaderboard.md'} "
           f"(and .csv)\nfiles: {result.folder}/ (metrics.json, strategy.json, classes.json, preprocess.json)")
     storage = "" if config.storage == default_storage(config.out) else f" --storage {config.storage}"
