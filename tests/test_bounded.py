@@ -183,3 +183,15 @@ def test_rows_are_streamed_permuted_in_place_and_mapped_back(tmp_path):
     in_memory = rows[:45].copy()
     permute_rows(lambda i: in_memory[i], in_memory.__setitem__, order)
     assert np.array_equal(in_memory, rows[order])
+
+
+def test_the_decoding_and_the_pass_show_progress(tiny, capsys, monkeypatch):
+    monkeypatch.setenv("AUTOTRANSFER_PROGRESS", "1")
+    monkeypatch.setenv("AUTOTRANSFER_PROGRESS_INTERVAL", "0")
+    data = load_data("digits", image_size=16)
+    ActivationCache(tiny, data, batch_size=512).load()
+    err = capsys.readouterr().err.splitlines()
+    decoding = [line for line in err if line.startswith("decoding: ")]
+    assert decoding[0].startswith("decoding: 1/1797 images") and len(decoding) == 1796, "a line per image but the last"
+    passes = [line.split(" images")[0] for line in err if line.startswith("activation pass: ")]
+    assert passes == ["activation pass: 512/1797", "activation pass: 1024/1797", "activation pass: 1536/1797"]
