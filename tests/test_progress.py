@@ -135,4 +135,6 @@ def test_each_refit_member_shows_its_steps_or_its_head_fit(tiny, tiny_cache, cap
     for k in (1, 2):
         assert _steps_shown(err, f"refit member {k}/2") == [(i, steps) for i in range(1, steps)]
     assert refit(Strategy(tap=2, freeze=2), tiny, tiny_cache, members=2).model is not None
+    assert capsys.readouterr().err.splitlines() == ["refit member 1/1: head fit ..."], "a convex fit is refit once"
+    assert refit(Strategy(tap=2, freeze=2, head="mlp", mlp_hidden=8), tiny, tiny_cache, members=2).model is not None
     assert capsys.readouterr().err.splitlines() == ["refit member 1/2: head fit ...", "refit member 2/2: head fit ..."]
