@@ -1,7 +1,10 @@
 """Data sets: a folder of class folders, a CSV of `path,label`, or an embedded set, split train/val/test.
 
-Everything is decoded once into a uint8 tensor at the backbone's input size, so the activation cache and
-every trial see exactly the same pixels, and the fingerprint of those pixels keys the cache.
+Everything is decoded once into a uint8 array at the backbone's input size, so the activation cache and
+every trial see exactly the same pixels, and the fingerprint of those pixels keys the cache. Decoding
+streams: a few threads decode ahead of one writer, which puts each image straight into a preallocated
+array (in memory, or a memory-mapped file past the memory bound) and into the fingerprint's hash; the
+rows are then put in split order in place, so a split is a slice and no full copy is ever made.
 """
 
 from __future__ import annotations
@@ -9,7 +12,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+import secrets
+import tempfile
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,23 +27,30 @@ from PIL import Image, UnidentifiedImageError
 
 from autotransfer.errors import DataError
 from autotransfer.images import open_image, to_rgb_square
+from autotransfer.progress import progress
+from autotransfer.rowfiles import RowWriter, check_disk, open_rows, permute_file_rows, permute_rows
+from autotransfer.runtime import available_cpus
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
+DECODE_THREADS = 4  # at most; never more than the CPUs this process may use
+DECODE_CHUNK = 64  # images per thread and round: what is decoded ahead of the writer
 
 
 @dataclass(frozen=True, kw_only=True)
 class ImageData:
-    """Decoded images with labels and a fixed train/val/test split."""
+    """Decoded images with labels and a fixed train/val/test split, rows in split order (train, val, test)."""
 
     name: str  # data set name shown in reports, e.g. "digits" or a folder name
     images: torch.Tensor  # uint8 [N, 3, S, S], RGB, already resized and centre-cropped
     labels: torch.Tensor  # int64 [N]
     classes: tuple[str, ...]
-    split: dict[str, torch.Tensor] = field(repr=False)  # "train"/"val"/"test" -> index tensor
+    split: dict[str, torch.Tensor] = field(repr=False)  # "train"/"val"/"test" -> row indices (contiguous)
     fingerprint: str  # digest of pixels, labels and split: part of every cache key
+    source_index: torch.Tensor | None = field(default=None, repr=False)  # row -> item of the source's listing
+    images_file: Path | None = field(default=None, repr=False)  # the .npy the images are mapped from, if any
 
     @property
     def image_size(self) -> int:
@@ -45,6 +59,21 @@ class ImageData:
     def subset(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.split[split]
         return self.images[idx], self.labels[idx]
+
+    def __reduce__(self):
+        """Images mapped from a file travel to worker processes as the file's name, not as a copy."""
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "images"}
+        if self.images_file is None:
+            return _rebuild, (fields, self.images)
+        return _reopen, (fields, len(self.images))
+
+
+def _rebuild(fields: dict, images: torch.Tensor) -> ImageData:
+    return ImageData(images=images, **fields)
+
+
+def _reopen(fields: dict, rows: int) -> ImageData:
+    return ImageData(images=torch.from_numpy(open_rows(fields["images_file"])[:rows]), **fields)
 
 
 # --- embedded data sets -----------------------------------------------------------------------------
@@ -88,6 +117,69 @@ def _decode(item: str | Image.Image, size: int) -> np.ndarray | None:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         logger.warning("Skipping unreadable image %s (%s)", item, type(e).__name__)
         return None
+
+
+def _decoded(items: Sequence[str | Image.Image], size: int) -> Iterator[np.ndarray | None]:
+    """Each item decoded (None if unreadable), in order, with at most one round of chunks decoded ahead."""
+    threads = max(1, min(DECODE_THREADS, available_cpus()))
+    round_size = threads * DECODE_CHUNK
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for start in range(0, len(items), round_size):
+            yield from pool.map(lambda it: _decode(it, size), items[start:start + round_size], chunksize=DECODE_CHUNK)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete image files left by processes that were killed before they could (`.images-<pid>-*.npy`)."""
+    for path in folder.glob(".images-*-*.npy"):
+        try:
+            os.kill(int(path.name.split("-")[1]), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not ours to judge: another user's process is alive
+            continue
+
+
+class _Rows:
+    """The preallocated uint8 [rows, 3, S, S] array decoding writes into: in memory, or a file past the bound."""
+
+    def __init__(self, rows: int, size: int, *, memory_limit: int | None, disk_limit: int | None,
+                 spill: Path | None) -> None:
+        shape, nbytes = (rows, 3, size, size), rows * 3 * size * size
+        self.path: Path | None = None
+        if memory_limit is None or nbytes <= memory_limit // 2:
+            self.array, self.writer = np.empty(shape, dtype=np.uint8), None
+            return
+        folder = Path(spill) if spill is not None else Path(tempfile.gettempdir())
+        check_disk(nbytes, disk_limit if disk_limit is not None else nbytes, folder,
+                   f"Decoding {rows} images at {size}px (over half of --cache-memory)")
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(folder)
+        self.path = folder / f".images-{os.getpid()}-{secrets.token_hex(4)}.npy"
+        self.writer = RowWriter(self.path, shape, np.uint8)
+
+    def put(self, row: int, chw: np.ndarray) -> None:
+        if self.writer is None:
+            self.array[row] = chw
+        else:
+            self.writer.write(chw[None])
+
+    def finish(self, kept: int, order: np.ndarray) -> tuple[torch.Tensor, Path | None]:
+        """Rows `order` of the first `kept` rows, in that order, as a tensor (mapped from the file, if any)."""
+        if self.writer is None:
+            permute_rows(lambda i: self.array[i], self.array.__setitem__, order)
+            return torch.from_numpy(self.array[:kept]), None
+        self.writer.close(rows=kept)
+        permute_file_rows(self.path, order)
+        mapped = open_rows(self.path)
+        weakref.finalize(mapped, self.path.unlink, missing_ok=True)  # the file lives as long as its map
+        return torch.from_numpy(mapped[:kept]), self.path
+
+    def discard(self) -> None:
+        """After a failure: close and delete the file, if any (nothing half-written stays behind)."""
+        if self.path is not None:
+            if not self.writer._file.closed:
+                self.writer._file.close()
+            self.path.unlink(missing_ok=True)
 
 
 def _median_short_side(paths: Sequence[str], sample: int = 64) -> int:
@@ -188,11 +280,11 @@ def _check_classes(source: str, labels: Sequence[str]) -> tuple[str, ...]:
     return classes
 
 
-def _fingerprint(images: torch.Tensor, labels: torch.Tensor, split: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(images.numpy().tobytes())
-    h.update(labels.numpy().tobytes())
+def _finish_fingerprint(h: hashlib._Hash, labels: np.ndarray, split: dict[str, np.ndarray]) -> str:
+    """The digest of the pixels (already hashed, in source order), labels and split indices in source order."""
+    h.update(labels.tobytes())
     for s in SPLITS:
-        h.update(split[s].numpy().tobytes())
+        h.update(split[s].tobytes())
     return h.hexdigest()[:16]
 
 
@@ -206,7 +298,7 @@ def _read_source(source: str) -> tuple[str, list, list[str], list[str] | None, i
     if not path.exists():
         raise DataError(f"Data {source!r} is neither a folder, a CSV file nor an embedded data set "
                         f"({', '.join(EMBEDDED)}); check the path or run `autotransfer datasets`.")
-    name = path.stem if path.is_file() else path.name
+    name = data_name(source)
     given_split = None
     if path.is_file():
         if path.suffix.lower() != ".csv":
@@ -226,7 +318,7 @@ def _read_source(source: str) -> tuple[str, list, list[str], list[str] | None, i
 
 
 def _split_indices(label_ids: np.ndarray, classes: tuple[str, ...], given: list[str] | None,
-                   fractions: tuple[float, float, float], seed: int) -> dict[str, torch.Tensor]:
+                   fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
     """The given train/val(/test) folders, a test split carved from train when there is none, or a fresh split."""
     if given is not None:
         idx = {s: np.flatnonzero(np.array(given) == s) for s in SPLITS}
@@ -236,34 +328,65 @@ def _split_indices(label_ids: np.ndarray, classes: tuple[str, ...], given: list[
                 [inner["train"], inner["val"]])]
     else:
         idx = _stratified_split(label_ids, classes, fractions, seed)
-    return {s: torch.from_numpy(np.sort(idx[s])) for s in SPLITS}
+    return {s: np.sort(idx[s]).astype(np.int64) for s in SPLITS}
+
+
+def data_name(source: str) -> str:
+    """The name the data of `source` gets (and its study by default), known before anything is decoded."""
+    if source in EMBEDDED:
+        return source
+    path = Path(source)
+    return path.stem if path.is_file() else path.name
+
+
+def _decode_all(items: Sequence, image_size: int, rows: _Rows) -> tuple[list[int], hashlib._Hash]:
+    """Decode every item into `rows` (readable ones only, in order); the pixels' hash is built on the way."""
+    digest, keep = hashlib.sha256(), []
+    with progress(len(items), "decoding", "images") as bar:
+        for i, decoded in enumerate(_decoded(items, image_size)):
+            bar.update(1)
+            if decoded is not None:
+                chw = np.ascontiguousarray(decoded.transpose(2, 0, 1))
+                digest.update(chw)
+                rows.put(len(keep), chw)
+                keep.append(i)
+    return keep, digest
 
 
 def load_data(source: str = "digits", *, image_size: int | None = None, seed: int = 0,
-              fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)) -> ImageData:
+              fractions: tuple[float, float, float] = (0.70, 0.15, 0.15), memory_limit: int | None = None,
+              disk_limit: int | None = None, spill: Path | None = None) -> ImageData:
     """Load a data set by embedded name, folder or CSV, decode it and split it.
 
     A folder that already holds `train/`, `val/` (and optionally `test/`) keeps that split; otherwise a
-    stratified split with `fractions` and `seed` is drawn.
+    stratified split with `fractions` and `seed` is drawn. `memory_limit`: the decoded images may take half of
+    it (the activation cache gets the rest); past that they are decoded into a memory-mapped file in `spill`
+    (default: the temporary folder), refused past `disk_limit`. None keeps them in memory whatever their size.
     """
     if image_size is not None and not 16 <= image_size <= 1024:
         raise DataError(f"--image-size must be between 16 and 1024 pixels, got {image_size}.")
     name, items, names, given_split, embedded_size = _read_source(source)
     image_size = image_size or embedded_size or default_image_size(items)
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        decoded = list(pool.map(lambda it: _decode(it, image_size), items))
-    keep = [i for i, d in enumerate(decoded) if d is not None]
-    lost = sorted(set(names) - {names[i] for i in keep})
-    if lost:
-        raise DataError(f"Class {lost[0]!r} in {source!r} has no readable image left (all failed to decode); "
-                        "replace its corrupt files or remove the class.")
-    names = [names[i] for i in keep]
-    classes = _check_classes(source, names)
-    images = torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous()
-    class_id = {c: i for i, c in enumerate(classes)}  # a dict, not classes.index: linear in images x classes
-    label_ids = np.fromiter((class_id[n] for n in names), dtype=np.int64, count=len(names))
-    split = _split_indices(label_ids, classes, None if given_split is None else [given_split[i] for i in keep],
-                           fractions, seed)
-    labels = torch.from_numpy(label_ids)
-    return ImageData(name=name, images=images, labels=labels, classes=classes, split=split,
-                     fingerprint=_fingerprint(images, labels, split))
+    rows = _Rows(len(items), image_size, memory_limit=memory_limit, disk_limit=disk_limit, spill=spill)
+    try:
+        keep, digest = _decode_all(items, image_size, rows)
+        lost = sorted(set(names) - {names[i] for i in keep})
+        if lost:
+            raise DataError(f"Class {lost[0]!r} in {source!r} has no readable image left (all failed to decode); "
+                            "replace its corrupt files or remove the class.")
+        names = [names[i] for i in keep]
+        classes = _check_classes(source, names)
+        class_id = {c: i for i, c in enumerate(classes)}  # a dict, not classes.index: linear in images x classes
+        label_ids = np.fromiter((class_id[n] for n in names), dtype=np.int64, count=len(names))
+        split = _split_indices(label_ids, classes, None if given_split is None else [given_split[i] for i in keep],
+                               fractions, seed)
+        order = np.concatenate([split[s] for s in SPLITS])  # row i of the result is decoded image order[i]
+        images, images_file = rows.finish(len(keep), order)
+    except BaseException:
+        rows.discard()
+        raise
+    bounds = np.cumsum([0] + [len(split[s]) for s in SPLITS])
+    return ImageData(name=name, images=images, labels=torch.from_numpy(label_ids[order]), classes=classes,
+                     split={s: torch.arange(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(SPLITS)},
+                     fingerprint=_finish_fingerprint(digest, label_ids, split),
+                     source_index=torch.from_numpy(np.asarray(keep, dtype=np.int64)[order]), images_file=images_file)

@@ -3,8 +3,9 @@
 A backbone trained at 224 px loses the spatial map of a 32 px image after a few stride-2 stages; upscaling it
 2x or 3x before the network often transfers better (a budget-30 search on 32 px colour images scored 0.676 test
 accuracy at 64 px against 0.630 at 32 px). Which factor helps depends on the data, so it is measured: each
-candidate size gets one forward pass and the closed-form ridge probe of every group (see `prior.py`), and the
-smallest size within a point of the best probe wins (larger inputs make every trial slower).
+candidate size gets one forward pass (pooled features only, nothing stored) and the closed-form ridge probe of
+every group (see `prior.py`), and the smallest size within a point of the best probe wins (larger inputs make
+every trial slower).
 """
 
 from __future__ import annotations
@@ -61,12 +62,11 @@ def choose_resolution(data: ImageData, load: Callable[[int], ImageData], backbon
             chosen = int(stored["chosen"])
             scores = {int(k): v for k, v in stored["probe_accuracy"].items()}
             return (data if chosen == data.image_size else load(chosen)), Resolution(chosen, scores)
-    scores, loaded = {}, {}
-    for size in sizes:
-        loaded[size] = data if size == data.image_size else load(size)
-        scores[size] = best_probe(ActivationCache(backbone, loaded[size]))
+    scores = {}
+    for size in sizes:  # one upscaled copy alive at a time: the chosen one is decoded again if it is not the base
+        scores[size] = best_probe(ActivationCache(backbone, data if size == data.image_size else load(size), store=()))
     top = max(scores.values())
     chosen = min(s for s in sizes if scores[s] >= top - SIZE_MARGIN)
     if record is not None:
         record.write_text(json.dumps({"key": key, "chosen": chosen, "probe_accuracy": scores}, indent=2) + "\n")
-    return loaded[chosen], Resolution(chosen, scores)
+    return (data if chosen == data.image_size else load(chosen)), Resolution(chosen, scores)

@@ -122,8 +122,11 @@ def group_names(study: optuna.Study) -> tuple[str, ...] | None:
 
 
 def load_inputs(study: optuna.Study, *, data: str | None = None, backbone: str | None = None,
-                weights: str | None = None, image_size: int | None = None, seed: int | None = None):
+                weights: str | None = None, image_size: int | None = None, seed: int | None = None,
+                memory_limit: int | None = None, spill: Path | None = None):
     """(Backbone, ImageData) the study was made with; arguments override what the study recorded.
+
+    `memory_limit` and `spill` bound the decoded images as in `load_data`.
 
     Raises ConfigError when the result is not what the study was made with (its data fingerprint or
     weights differ), since a trial retrained or evaluated on other inputs would not be that trial.
@@ -139,7 +142,8 @@ def load_inputs(study: optuna.Study, *, data: str | None = None, backbone: str |
     seed = seed if seed is not None else source.get("seed", 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        images = load_data(data, image_size=image_size or source.get("image_size"), seed=seed)
+        images = load_data(data, image_size=image_size or source.get("image_size"), seed=seed,
+                           memory_limit=memory_limit, spill=spill)
     net = get_backbone(backbone or source.get("backbone") or study.user_attrs["backbone"],
                        weights or source.get("weights"))
     made_with = {"data": study.user_attrs.get("data"), "weights": study.user_attrs.get("weights")}

@@ -137,7 +137,9 @@ def search_space(study: optuna.Study, config: StudyConfig, cache: ActivationCach
     """
     stored = study.user_attrs.get("search_space")
     if stored is not None:
-        return SearchSpace(**stored)
+        space = SearchSpace(**stored)
+        cache.use_space(space)  # a resumed study's cache keeps only the boundaries its trials start from
+        return space
     prior = build_prior(cache, max_steps=config.max_steps, seed=config.seed)
     if not study.trials:
         for s in prior.first_strategies[:config.budget]:  # no waiting trials left over past the budget

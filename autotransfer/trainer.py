@@ -271,8 +271,10 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
                metric: str, description: str) -> TrialResult:
     """`s.steps` optimizer steps from the fitted head; reports validation `metric` at `report_at` and at the end."""
     augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
-    start = s.freeze if use_cache and augment is None else 0  # augmented views are new: start from the images
-    evaluate_from = s.freeze if use_cache else 0  # evaluation has no augmentation: the cache serves it
+    # The cache serves the freeze boundary, or the nearest one it stores below (frozen groups run in between);
+    # augmented views are new: they start from the images. Evaluation has no augmentation: the cache serves it.
+    evaluate_from = cache.start_boundary(s.freeze) if use_cache else 0
+    start = evaluate_from if augment is None else 0
     x_train, y_train = cache.split(start, fit_split)
     x_fit_eval, _ = cache.split(evaluate_from, fit_split)
     x_val, y_val = cache.split(evaluate_from, "val")

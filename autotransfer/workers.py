@@ -2,7 +2,8 @@
 
 Each worker is a spawned process that opens the same study storage and runs `run_study`; the budget, the
 heartbeats and the retry of lost trials work across processes exactly as across machines. The decoded images
-and the backbone weights reach the workers through shared memory (torch.multiprocessing); the parent computes
+(or, when they are memory-mapped, their file's name) and the backbone weights reach the workers through
+shared memory (torch.multiprocessing); the parent computes
 the activation cache once and persists it in the output folder, and each worker loads it from there.
 """
 
@@ -23,7 +24,7 @@ from autotransfer.backbones import Backbone
 from autotransfer.data import ImageData
 from autotransfer.device import configure_threads
 from autotransfer.errors import EXIT_INTERRUPTED, EXIT_USAGE, AutotransferError
-from autotransfer.features import DEFAULT_MEMORY_LIMIT
+from autotransfer.features import DEFAULT_DISK_LIMIT, DEFAULT_MEMORY_LIMIT
 from autotransfer.progress import enabled
 from autotransfer.report import trial_line
 from autotransfer.study import StudyConfig
@@ -61,7 +62,7 @@ def diversify_sampler(study) -> None:
 
 
 def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, data: ImageData,
-            reseed: bool, cache_folder: Path | None, cache_memory: int) -> None:
+            reseed: bool, cache_folder: Path | None, cache_memory: int, cache_disk: int) -> None:
     """Body of one worker process: its own threads, its own activation cache, the shared study."""
     import logging
 
@@ -84,7 +85,8 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
             def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 print(f"[worker {index}] {trial_line(trial, backbone)}", flush=True)
 
-            cache = ActivationCache(backbone, data, folder=cache_folder, memory_limit=cache_memory)
+            cache = ActivationCache(backbone, data, folder=cache_folder, memory_limit=cache_memory,
+                                    disk_limit=cache_disk)
             run_study(config, backbone, cache, study=study, on_trial=on_trial)
         except KeyboardInterrupt:
             sys.exit(EXIT_INTERRUPTED)
@@ -95,14 +97,15 @@ def _worker(index: int, workers: int, config: StudyConfig, backbone: Backbone, d
 
 def run_workers(config: StudyConfig, backbone: Backbone, data: ImageData, *, workers: int,
                 reseed: bool = False, cache_folder: Path | None = None,
-                cache_memory: int = DEFAULT_MEMORY_LIMIT) -> None:
+                cache_memory: int = DEFAULT_MEMORY_LIMIT, cache_disk: int = DEFAULT_DISK_LIMIT) -> None:
     """Run `workers` processes on the study of `config` and wait for all of them.
 
     Ctrl-C (or SIGTERM) here is passed on to every worker, which marks its running trial as interrupted
     and queues it again; then KeyboardInterrupt is raised. A worker that fails raises AutotransferError.
     """
     ctx = torch.multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(i, workers, config, backbone, data, reseed, cache_folder, cache_memory),
+    procs = [ctx.Process(target=_worker, args=(i, workers, config, backbone, data, reseed, cache_folder, cache_memory,
+                                                              cache_disk),
                          name=f"autotransfer-worker-{i}") for i in range(workers)]
     ignore = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: workers never see a terminal's Ctrl-C
     try:

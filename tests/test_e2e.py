@@ -84,7 +84,8 @@ def test_recommend_places_digits_small_and_different(search_run):
 def test_predict_cli_on_exported_model(search_run, tmp_path):
     out, _ = search_run
     images, labels = _digits()  # the raw 8x8 digits: predict must upscale them as training did
-    test = load_data("digits").split["test"][:30].tolist()
+    data = load_data("digits")
+    test = data.source_index[data.split["test"][:30]].tolist()  # rows are in split order: back to the source's
     paths, y = [], [labels[i] for i in test]
     for i in test:
         p = tmp_path / f"{i}.png"

@@ -94,6 +94,7 @@ def _steps_shown(err: str, description: str) -> list[tuple[int, int]]:
 
 
 def test_a_fine_tune_shows_its_steps_and_a_head_fit_nothing(tiny, tiny_cache, capsys, monkeypatch):
+    tiny_cache.load()  # the activation pass shows its own progress (test_the_decoding_and_the_pass_show_progress)
     monkeypatch.setenv("AUTOTRANSFER_PROGRESS", "1")
     monkeypatch.setenv("AUTOTRANSFER_PROGRESS_INTERVAL", "0")
     train_trial(Strategy(tap=3, freeze=1, steps=12), tiny, tiny_cache, description="trial 12 fine-tune")

@@ -52,8 +52,11 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int_at_least("--image-size", 64), default=None,
                         help="input size in pixels (default: per data set, 64 for digits)")
     parser.add_argument("--cache-memory", type=size_argument("--cache-memory"), default="4G",
-                        help="memory for cached activations; beyond it float16, then memory-mapped disk "
-                             "(default: 4G)")
+                        help="memory for decoded images (at most half) and cached activations; beyond it float16, "
+                             "then memory-mapped files in --out (default: 4G)")
+    parser.add_argument("--cache-disk", type=size_argument("--cache-disk"), default="50G",
+                        help="disk for the activation cache and images past --cache-memory; a search that needs "
+                             "more stops before writing anything (default: 50G)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where trials train; cuda uses bf16 autocast (default: auto)")
 

@@ -33,17 +33,18 @@ def prepare(args: argparse.Namespace):
     used (see `autotransfer.resolution`); the choice is kept in the output folder.
     """
     from autotransfer.backbones import get_backbone
-    from autotransfer.data import load_data
+    from autotransfer.data import data_name, load_data
     from autotransfer.device import configure_threads, pick_device
     from autotransfer.features import ActivationCache
     from autotransfer.resolution import choose_resolution
 
     pick_device(args.device)  # fail early on --device cuda without a GPU
     configure_threads()
-    data = load_data(args.data, image_size=args.image_size, seed=args.seed)
-    backbone = get_backbone(args.backbone, args.weights)
-    out = args.out or Path("studies") / (getattr(args, "study_name", None) or data.name)
+    out = args.out or Path("studies") / (getattr(args, "study_name", None) or data_name(args.data))
     created = not out.exists()
+    bounds = dict(seed=args.seed, memory_limit=args.cache_memory, disk_limit=args.cache_disk, spill=out / "cache")
+    data = load_data(args.data, image_size=args.image_size, **bounds)
+    backbone = get_backbone(args.backbone, args.weights)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -53,11 +54,13 @@ def prepare(args: argparse.Namespace):
         raise ConfigError(f"Output folder {str(out)!r} is not writable ({e.strerror}); pass --out with a "
                           "folder you can write to.") from None
     if args.image_size is None:
-        data, resolution = choose_resolution(data, lambda size: load_data(args.data, image_size=size, seed=args.seed),
+        data, resolution = choose_resolution(data, lambda size: load_data(args.data, image_size=size, **bounds),
                                              backbone, record=out / "resolution.json")
         if resolution.probe_accuracy:
             print(resolution.describe(), flush=True)
-    return backbone, ActivationCache(backbone, data, folder=out / "cache", memory_limit=args.cache_memory), out, created
+    cache = ActivationCache(backbone, data, folder=out / "cache", memory_limit=args.cache_memory,
+                            disk_limit=args.cache_disk)
+    return backbone, cache, out, created
 
 
 def writable(folder: Path) -> Path:

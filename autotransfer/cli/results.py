@@ -86,7 +86,7 @@ class Export(Command):
         from optuna.trial import TrialState
 
         from autotransfer.checkpoints import checkpoint_path
-        from autotransfer.features import ActivationCache
+        from autotransfer.features import DEFAULT_MEMORY_LIMIT, ActivationCache
         from autotransfer.pipeline import export_trial
         from autotransfer.studies import load_inputs, locate, open_existing
         from autotransfer.study import best_trial
@@ -101,7 +101,8 @@ class Export(Command):
             raise ConfigError(f"Trial {number} of study {name!r} is {state}; only complete trials can be exported "
                               f"(complete: {', '.join(map(str, complete)) or 'none'}).")
         backbone, data = load_inputs(study, data=args.data, backbone=args.backbone, weights=args.weights,
-                                     image_size=args.image_size, seed=args.seed)
+                                     image_size=args.image_size, seed=args.seed, memory_limit=DEFAULT_MEMORY_LIMIT,
+                                     spill=out / "cache")
         dest = args.dest or out / f"trial_{number}"
         writable(dest.parent)
         if args.refit:

@@ -113,7 +113,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
         else:
             print(f"{workers} worker processes, {threads_per_worker(workers)} CPU thread(s) each")
             run_workers(config, backbone, data, workers=workers, reseed=reseed, cache_folder=cache.folder,
-                        cache_memory=cache.memory_limit)
+                        cache_memory=cache.memory_limit, cache_disk=cache.disk_limit)
     except KeyboardInterrupt:
         bar.close()
         write_leaderboard(leaderboard(study), config.out)
@@ -148,7 +148,7 @@ def _print_setting(study, config, backbone, cache) -> None:
     print(f"study {config.study_name!r} in {config.storage}; objective: validation {metric} ({why})")
     space = search_space(study, config, cache)
     ladder = StepLadder(space.max_steps)
-    cache.boundary(1)  # load (or compute and persist) now: the line below reports it, and workers load it
+    cache.load()  # load (or compute and persist) now: the line below reports it, and workers load it
     prior = study.user_attrs.get("prior", {})
     low, high = space.tap_range
     print(f"activations: {cache.storage} cache{' loaded from ' + str(cache.folder) if cache.loaded_from_disk else ''}"
