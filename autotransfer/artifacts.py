@@ -14,6 +14,7 @@ json files), their ids in the study's user attribute `export:<trial>:refit<N>`, 
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,18 @@ def export_available(store: ArtifactStore | None, study: optuna.Study, number: i
 
 def upload_export(store: ArtifactStore, study: optuna.Study, number: int, refits: int,
                   precisions: tuple[str, ...], folder: Path) -> dict[str, Any]:
-    """Upload every file of an export folder as an artifact of the study; record their ids under `export_key`."""
-    files = {p.name: upload_artifact(artifact_store=store, file_path=str(p), study_or_trial=study)
-             for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    """Upload every file of an export folder as an artifact of the study; record their ids under `export_key`.
+
+    The artifacts are named `trial<N>_refit<R>_<file>`, so the dashboard tells the exports of a study apart.
+    """
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in sorted(Path(folder).iterdir()):
+            if p.is_file():
+                named = Path(tmp) / f"trial{number}_refit{refits}_{p.name}"
+                shutil.copyfile(p, named)
+                files[p.name] = upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)
+                named.unlink()
     record = {"precisions": list(precisions), "files": files}
     study.set_user_attr(export_key(number, refits), record)
     return record

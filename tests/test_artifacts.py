@@ -92,7 +92,8 @@ def test_search_stores_checkpoint_and_export_and_the_commands_use_them(tmp_path)
     stored = study.user_attrs[export_key(best.number, 3)]
     assert sorted(stored["files"]) == ["classes.json", "metrics.json", "model.onnx", "preprocess.json",
                                        "strategy.json"]
-    assert {m.filename for m in get_all_artifact_meta(study)} == set(stored["files"]), "listed as study artifacts"
+    assert {m.filename for m in get_all_artifact_meta(study)} == {f"trial{best.number}_refit3_{f}" for f in
+                                                                  stored["files"]}, "listed as study artifacts"
     shipped = (out / "best" / "model.onnx").read_bytes()
     assert (out / "artifacts" / stored["files"]["model.onnx"]).read_bytes() == shipped
 
