@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import optuna
 import torch
 
+from autotransfer.artifacts import CHECKPOINT_ATTR, ArtifactStore, available, download_checkpoint
 from autotransfer.atomic import replacing_file
 from autotransfer.backbones import Backbone
 from autotransfer.features import ActivationCache
@@ -31,15 +33,31 @@ def save_checkpoint(out: Path, number: int, result: TrialResult, strategy: Strat
 
 
 def load_trial_model(study: optuna.Study, number: int, backbone: Backbone, cache: ActivationCache,
-                     out: Path) -> tuple[TransferModel, bool]:
-    """The trained model of trial `number`: from its checkpoint, or retrained from its stored strategy.
+                     out: Path, store: ArtifactStore | None = None) -> tuple[TransferModel, bool]:
+    """The trained model of trial `number`: from its checkpoint in `out`, else from the one stored in the study's
+    artifact `store` (a trial another machine ran), else retrained from its stored strategy.
 
     Returns (model, retrained). Retraining is exact: same strategy, same seed, same cached inputs.
     """
-    strategy = Strategy.from_dict(study.trials[number].user_attrs["strategy"])
+    trial = study.trials[number]
+    strategy = Strategy.from_dict(trial.user_attrs["strategy"])
     path = checkpoint_path(out, number)
     if path.is_file():
-        model = build_model(strategy, backbone, len(cache.data.classes))
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
-        return model.eval(), False
+        return _load(path, strategy, backbone, len(cache.data.classes)), False
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = download_checkpoint(store, trial, Path(tmp))
+        if stored is not None:
+            return _load(stored, strategy, backbone, len(cache.data.classes)), False
     return train_trial(strategy, backbone, cache).model, True
+
+
+def has_weights(study: optuna.Study, number: int, out: Path, store: ArtifactStore | None) -> bool:
+    """Whether `load_trial_model` finds trial `number`'s weights (kept here, or in the artifact store)."""
+    stored = study.trials[number].user_attrs.get(CHECKPOINT_ATTR)
+    return checkpoint_path(out, number).is_file() or available(store, stored)
+
+
+def _load(path: Path, strategy: Strategy, backbone: Backbone, num_classes: int) -> TransferModel:
+    model = build_model(strategy, backbone, num_classes)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    return model.eval()

@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
+from autotransfer.artifacts import ArtifactStore, export_key, stored_file
 from autotransfer.atomic import replacing_folder
 from autotransfer.plots import Plot, write_plots
 from autotransfer.report import leaderboard, recall_line, to_html, write_tables
@@ -39,7 +40,7 @@ class ReportFiles:
     folder: Path  # <out>/report
     board: pd.DataFrame
     plots: list[Plot]
-    best: dict[str, Any] | None  # best trial: number, value, strategy in words, test metrics if exported
+    best: dict[str, Any] | None  # best trial: number, value, strategy in words, test metrics if exported (or stored)
 
 
 def _refit_note(test: dict[str, Any]) -> str:
@@ -62,12 +63,25 @@ def _test_metrics(out: Path, number: int) -> tuple[dict[str, Any] | None, Path |
     return None, None
 
 
-def _best(study: optuna.Study, out: Path) -> dict[str, Any] | None:
+def _stored_metrics(study: optuna.Study, number: int, store: ArtifactStore | None) -> dict[str, Any] | None:
+    """metrics.json of an export of trial `number` stored in the study's artifacts (made on any machine)."""
+    prefix = export_key(number, 0).rsplit(":", 1)[0] + ":"
+    for key in sorted((k for k in study.user_attrs if k.startswith(prefix)), reverse=True):  # most refits first
+        raw = stored_file(store, study.user_attrs[key], "metrics.json")
+        if raw is not None:
+            return json.loads(raw)
+    return None
+
+
+def _best(study: optuna.Study, out: Path, store: ArtifactStore | None = None) -> dict[str, Any] | None:
     trial = best_trial(study)
     if trial is None:
         return None
     strategy = Strategy.from_dict(trial.user_attrs["strategy"]) if "strategy" in trial.user_attrs else None
     metrics, folder = _test_metrics(out, trial.number)
+    if metrics is None:
+        metrics = _stored_metrics(study, trial.number, store)
+        folder = "(the study's artifacts)" if metrics is not None else None
     return {"trial": trial.number, "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value),
             "metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,
             "description": strategy.describe(group_names(study)) if strategy else "(no strategy recorded)",
@@ -136,14 +150,18 @@ def render(study: optuna.Study, board: pd.DataFrame, plots: list[Plot], best: di
         "<h2>Plots</h2>", *(_plot_html(p) for p in plots), "</body></html>", ""])
 
 
-def write_report(study: optuna.Study, out: Path, *, storage: str | None = None, top: int = 10) -> ReportFiles:
-    """Write `out/report/`: leaderboard.{csv,md,html,parquet,json}, the PNG plots and report.html."""
+def write_report(study: optuna.Study, out: Path, *, storage: str | None = None, top: int = 10,
+                 store: ArtifactStore | None = None) -> ReportFiles:
+    """Write `out/report/`: leaderboard.{csv,md,html,parquet,json}, the PNG plots and report.html.
+
+    The best trial's test figures come from an export in `out`, else from one stored in the artifact `store`.
+    """
     board = leaderboard(study)
     dest = out / "report"
     with replacing_folder(dest) as tmp:
         write_tables(board, tmp)
         plots = write_plots(study, board, tmp, group_names(study))
-        best = _best(study, out)
+        best = _best(study, out, store)
         (tmp / "report.html").write_text(render(study, board, plots, best, storage=storage, top=top))
     plots = [Plot(p.name, p.title, dest / p.path.name if p.path else None, p.note) for p in plots]
     return ReportFiles(dest, board, plots, best)

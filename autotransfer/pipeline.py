@@ -13,6 +13,7 @@ import optuna
 from torch import nn
 
 from autotransfer import __version__
+from autotransfer.artifacts import ArtifactStore, download_export, open_store, stored_export, upload_export
 from autotransfer.atomic import replacing_folder
 from autotransfer.backbones import Backbone
 from autotransfer.checkpoints import load_trial_model
@@ -35,6 +36,11 @@ class ExportResult:
     folder: Path
     metrics: dict[str, Any]
     retrained: bool  # refits == 0 and the trial's weights were not kept, so it was trained again
+    stored: bool = False  # the files came from the export stored in the study's artifacts: nothing was trained
+
+
+class _Incomplete(Exception):
+    """A stored export lacks a file in its artifact store."""
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -43,8 +49,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: ActivationCache, *,
                  study_out: Path, dest: Path, precision: Sequence[str] = ("fp32",), refits: int = DEFAULT_REFITS,
-                 device: str = "cpu") -> ExportResult:
+                 device: str = "cpu", store: ArtifactStore | None = None) -> ExportResult:
     """Export trial `number` to `dest/` (model.onnx + json files), verified on the test split.
+
+    With an artifact `store` (artifacts.py), an export of the same trial, refits and precisions already stored in
+    the study is downloaded instead of made again, a new export is uploaded, and a trial whose weights another
+    machine kept is loaded from its stored checkpoint.
 
     `refits` >= 1 trains the trial's strategy that many times on train+val and exports their average
     (see `refit.py`); 0 exports the trial's own model, trained on train only, as the search scored it. A refit
@@ -58,18 +68,21 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     """
     data: ImageData = cache.data
     precisions = parse_precisions(precision)
+    reused = _stored(study, number, refits, precisions, store, dest)
+    if reused is not None:
+        return reused
     trial = study.trials[number]
     if "strategy" not in trial.user_attrs:
         raise AutotransferError(f"Trial {number} of study {study.study_name!r} has no stored strategy to export.")
     strategy = Strategy.from_dict(trial.user_attrs["strategy"])
-    fallback = None
+    fallback, refits_asked = None, refits
     if refits:
         outcome = refit(strategy, backbone, cache, members=refits, device=pick_device(device),
                         reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
         model, retrained, fallback = outcome.model, False, outcome.failure
         refits = len(outcome.seeds)  # the members shipped: one for a seed-independent strategy, 0 on a fallback
     if not refits or fallback is not None:  # a refit that cannot be trusted ships the searched trial's own model
-        model, retrained = load_trial_model(study, number, backbone, cache, study_out)
+        model, retrained = load_trial_model(study, number, backbone, cache, study_out, store)
     trained_on = TRAIN_AND_VAL if refits else "train"
     preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
                   "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),
@@ -92,7 +105,25 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
                                             "description": strategy.describe(backbone.group_names)})
         _write_json(tmp / "classes.json", list(data.classes))
         _write_json(tmp / "preprocess.json", preprocess)
+        if store is not None:
+            upload_export(store, study, number, refits_asked, precisions, tmp)
     return ExportResult(dest, metrics, retrained)
+
+
+def _stored(study: optuna.Study, number: int, refits: int, precisions: tuple[str, ...], store: ArtifactStore | None,
+            dest: Path) -> ExportResult | None:
+    """The stored export of this trial, refits and precisions, downloaded to `dest`; None if there is none."""
+    record = stored_export(study, number, refits, precisions) if store is not None else None
+    if record is None:
+        return None
+    try:
+        with replacing_folder(dest) as tmp:
+            if not download_export(store, record, tmp):
+                raise _Incomplete()
+            metrics = json.loads((tmp / "metrics.json").read_text())
+    except _Incomplete:
+        return None
+    return ExportResult(dest, metrics, False, stored=True)
 
 
 def _onnx_files(model: nn.Module, path: Path, data: ImageData, backbone: Backbone, metadata: dict[str, Any],
@@ -111,7 +142,9 @@ def _onnx_files(model: nn.Module, path: Path, data: ImageData, backbone: Backbon
     for p in precisions[1:]:
         calibration = ", calibrated on training images" if p == "int8" else ""
         with phase(f"export: {p} variant{calibration}"):
-            variant = make_variant(path, p, _calibration_images(data, backbone) if p == "int8" else None)
+            int8 = p == "int8"
+            variant = make_variant(path, p, _calibration_images(data, backbone) if int8 else None,
+                                   _check_images(data, backbone) if int8 else None)
         variants[p] = check_variant(variant, path, x_test.numpy(), y_test.numpy())
     return checks, variants
 
@@ -123,6 +156,13 @@ def _calibration_images(data: ImageData, backbone: Backbone, n: int = CALIBRATIO
     return normalise(x[pick], backbone.mean, backbone.std).numpy()
 
 
+def _check_images(data: ImageData, backbone: Backbone) -> np.ndarray:
+    """The validation images, preprocessed: int8 keeps layers in float until it agrees with fp32 on them (never
+    the test split, which measures the result; a refit model has seen them, so there the check is easier)."""
+    x, _ = data.subset("val")
+    return normalise(x, backbone.mean, backbone.std).numpy()
+
+
 def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache, *,
                  precision: Sequence[str] = ("fp32",), refits: int = DEFAULT_REFITS) -> ExportResult:
     """Write the leaderboard and export the best trial (refit `refits` times, in each of `precision`) to `out/best/`."""
@@ -131,5 +171,5 @@ def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, c
     if best is None:
         raise AutotransferError(f"Study {study.study_name!r} has no complete trial to export; see "
                                 f"{config.out / 'leaderboard.md'} for why trials failed.")
-    return export_trial(study, best.number, backbone, cache, study_out=config.out,
-                        dest=config.out / "best", precision=precision, refits=refits, device=config.device)
+    return export_trial(study, best.number, backbone, cache, study_out=config.out, dest=config.out / "best",
+                        precision=precision, refits=refits, device=config.device, store=open_store(config.artifacts))

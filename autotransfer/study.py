@@ -19,6 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from autotransfer.artifacts import open_store, upload_checkpoint
 from autotransfer.backbones import Backbone
 from autotransfer.budget import (
     FINISHED,
@@ -31,7 +32,11 @@ from autotransfer.budget import (
     wait_for_slot,
 )
 from autotransfer.calibration import Margin
-from autotransfer.checkpoints import load_trial_model, save_checkpoint  # noqa: F401 - load_trial_model re-exported
+from autotransfer.checkpoints import (  # noqa: F401 - load_trial_model re-exported
+    checkpoint_path,
+    load_trial_model,
+    save_checkpoint,
+)
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
@@ -74,6 +79,7 @@ class StudyConfig:
     device: str = "cpu"  # "cpu", "cuda" or "auto"
     heartbeat: int = DEFAULT_HEARTBEAT  # seconds between heartbeats; a trial silent for 3 of them is retried
     metric: str | None = None  # the objective (metrics.METRICS); None: the study's, else chosen from the data
+    artifacts: str | None = None  # artifact store of the best trials' checkpoints and the export (artifacts.py)
 
 
 def open_study(config: StudyConfig, *, backbone: Backbone | None = None,
@@ -127,6 +133,10 @@ def study_metric(study: optuna.Study, config: StudyConfig, cache: ActivationCach
                                 has_trials=any(t.state in FINISHED for t in study.get_trials(deepcopy=False)))
     if stored is None:
         study.set_user_attr("metric", metric)
+    if study.metric_names != [f"val_{metric}"]:  # optuna-dashboard and plots name it, not "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([f"val_{metric}"])
     return metric, why
 
 
@@ -163,6 +173,7 @@ class _Objective:
         self.metric = study_metric(study, config, cache)[0]
         self.ladder = StepLadder(space.max_steps)
         self.device = pick_device(config.device)
+        self.store = open_store(config.artifacts)
         self.failures = 0
         self.interrupted: list[int] = []
 
@@ -215,6 +226,8 @@ class _Objective:
         # other workers' trials count too: keep only the study's best weights
         if _beats(result.val_score, result.val_margin, best_trial(self.study)):
             save_checkpoint(self.config.out, trial.number, result, strategy)
+            if self.store is not None:  # other machines and later commands load it instead of training again
+                upload_checkpoint(self.store, trial, checkpoint_path(self.config.out, trial.number))
         return result.val_score
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import tempfile
@@ -172,7 +173,11 @@ def main() -> None:
         fp32.write_bytes(path.read_bytes())
     x_train, _ = data.subset("train")
     pick = np.sort(np.random.default_rng(0).permutation(len(x_train))[:256])
-    int8 = make_variant(fp32, "int8", normalise(x_train[pick], tuple(meta["mean"]), tuple(meta["std"])).numpy())
+    x_val, _ = data.subset("val")  # int8 keeps convs in float until it agrees with fp32 on these (precision.py)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("autotransfer.precision").setLevel(logging.INFO)
+    int8 = make_variant(fp32, "int8", normalise(x_train[pick], tuple(meta["mean"]), tuple(meta["std"])).numpy(),
+                        normalise(x_val, tuple(meta["mean"]), tuple(meta["std"])).numpy())
     check = check_variant(int8, fp32, x, y_test.numpy())
 
     rows = cpu_rows(model, fp32, int8, x, args.repeats, args.threads)

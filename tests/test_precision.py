@@ -127,3 +127,38 @@ def test_an_identical_variant_loses_nothing(best, fp32_on_test, tmp_path):
     out = check_variant(same, best / "model.onnx", x, y, max_drop=0.0)
     assert out == {"file": "model.same.onnx", "test_accuracy": pytest.approx(float((reference == y).mean())),
                    "top1_agreement": 1.0, "accuracy_drop": 0.0, "degraded": False, "size_bytes": same.stat().st_size}
+
+
+def _float_convs(path: Path) -> int:
+    """Convs of an int8 model that still run in float: their weights are not dequantized int8."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(n.input[1] not in dequantized for n in graph.node if n.op_type == "Conv")
+
+
+def test_int8_keeps_convs_in_float_until_it_agrees_with_fp32_on_the_check_images(best, digits16, tmp_path,
+                                                                                  monkeypatch):
+    import autotransfer.precision as precision
+
+    meta = read_metadata(cpu_session(best / "model.onnx"))
+    prep = [normalise(digits16.subset(s)[0], tuple(meta["mean"]), tuple(meta["std"])).numpy() for s in ("train", "val")]
+    fp32 = tmp_path / "model.onnx"
+    shutil.copy(best / "model.onnx", fp32)
+    dest = variant_path(fp32, "int8")
+
+    plain = precision._make_int8(fp32, dest, prep[0])
+    assert plain == {"float_convs": 1, "float_nodes": plain["float_nodes"], "check_agreement": None}
+    assert _float_convs(dest) == 1, "without check images only the first conv (it sees raw pixels) stays float"
+    graph = onnx.load(str(dest)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    head = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert head and not any(i in dequantized for n in head for i in n.input), "the head stays float"
+
+    monkeypatch.setattr(precision, "INT8_AGREEMENT_TARGET", 0.0)
+    assert precision._make_int8(fp32, dest, prep[0], prep[1])["float_convs"] == 1, "reached at once: stops"
+    monkeypatch.setattr(precision, "INT8_AGREEMENT_TARGET", 1.01)  # never reached: every prefix, the best kept
+    kept = precision._make_int8(fp32, dest, prep[0], prep[1])
+    assert kept["float_convs"] == _float_convs(dest) and 0.5 < kept["check_agreement"] <= 1.0
+    reference = cpu_session(fp32).run(["logits"], {"input": prep[1]})[0].argmax(1)
+    got = cpu_session(dest).run(["logits"], {"input": prep[1]})[0].argmax(1)
+    assert float((got == reference).mean()) == kept["check_agreement"], "the file is the one measured"

@@ -217,12 +217,13 @@ def test_report_and_export_without_a_study_fail_in_one_line(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == [], "nothing is created"
 
 
-def test_export_refit_0_retrains_a_trial_whose_weights_were_not_kept(searched, capsys):
+def test_export_refit_0_retrains_a_trial_whose_weights_were_not_kept(searched, capsys, tmp_path):
     study = _open(searched)
     complete = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (-t.value, t.number))
     other = min(complete[1:], key=lambda t: t.user_attrs["seconds"]).number  # the quickest to retrain
     capsys.readouterr()
-    assert main(["export", "--out", str(searched), "--trial", str(other), "--refit", "0"]) == 0
+    no_store = ["--artifacts", str(tmp_path / "empty")]  # an earlier best trial's weights are in the study's store
+    assert main(["export", "--out", str(searched), "--trial", str(other), "--refit", "0", *no_store]) == 0
     captured = capsys.readouterr()
     assert f"trial {other}: its weights were not kept" in captured.err and "retrained" in captured.out
     metrics = json.loads((searched / f"trial_{other}" / "metrics.json").read_text())
@@ -240,7 +241,8 @@ def test_export_refit_0_retrains_a_trial_whose_weights_were_not_kept(searched, c
 def test_export_by_default_reproduces_the_model_search_exported(searched, capsys):
     best = json.loads((searched / "best" / "metrics.json").read_text())
     capsys.readouterr()
-    assert main(["export", "--out", str(searched), "--dest", str(searched / "again")]) == 0
+    assert main(["export", "--out", str(searched), "--dest", str(searched / "again"),
+                 "--artifacts", str(searched.parent / "empty")]) == 0, "the stored export is not used: trains again"
     members = member_count(Strategy.from_dict(_open(searched).trials[best["trial"]].user_attrs["strategy"]), 3)
     assert f"training its strategy {members} time(s) on train+val" in capsys.readouterr().err
     again = json.loads((searched / "again" / "metrics.json").read_text())
@@ -307,11 +309,12 @@ def test_optuna_cli_reads_our_study_with_readable_names(searched):
     tuned = next(t for t in trials if "optimizer" in t["params"])
     assert f"ft_lr_{tuned['params']['optimizer']}" in tuned["params"], "the LR is named per optimizer"
     assert first["user_attrs"]["strategy"]["tap"] == first["params"]["tap"] and "seconds" in first["user_attrs"]
-    assert first["state"] == "COMPLETE" and first["value"] == study.trials[0].value
+    assert study.metric_names == ["val_accuracy"], "the objective is named, so Optuna's tools show its name"
+    assert first["state"] == "COMPLETE" and first["value"] == {"val_accuracy": study.trials[0].value}
     best = _optuna_cli("best-trial", "--study-name", "digits", "--storage", storage, "-f", "json")
     board = leaderboard(study)
-    assert best["value"] == board.val_accuracy.iloc[0]
-    assert best["number"] in set(board[board.val_accuracy == best["value"]].trial)
+    assert best["value"] == {"val_accuracy": board.val_accuracy.iloc[0]}
+    assert best["number"] in set(board[board.val_accuracy == best["value"]["val_accuracy"]].trial)
     assert best["params"]["head"] == board.set_index("trial").loc[best["number"], "head"]
 
 

@@ -98,3 +98,22 @@ def add_metric_argument(parser: argparse.ArgumentParser) -> None:
                         help="validation metric the search maximises (default: balanced_accuracy when the largest "
                              f"train class has more than {IMBALANCE_RATIO:g}x the images of the smallest, else "
                              "accuracy; a resumed study keeps its metric)")
+
+
+def artifacts_location(text: str) -> str:
+    """argparse type of `--artifacts`: a folder or s3://bucket (see `autotransfer.artifacts.check_location`)."""
+    from autotransfer.artifacts import check_location
+    from autotransfer.errors import ConfigError
+
+    try:
+        return check_location(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_artifacts_argument(parser: argparse.ArgumentParser) -> None:
+    """`--artifacts DIR|s3://bucket`: the artifact store of the study's checkpoints and exports."""
+    parser.add_argument("--artifacts", type=artifacts_location, default=None, metavar="DIR|s3://BUCKET",
+                        help="artifact store for the best trials' checkpoints and the exported ONNX files, so any "
+                             "machine exports and reports without training again (default: as recorded in the study, "
+                             "else <out>/artifacts for a SQLite study; a shared storage needs one all machines see)")

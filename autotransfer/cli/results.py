@@ -7,7 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from autotransfer.cli.arguments import add_precision_argument, add_refit_argument, add_study_arguments, int_at_least
+from autotransfer.cli.arguments import (
+    add_artifacts_argument,
+    add_precision_argument,
+    add_refit_argument,
+    add_study_arguments,
+    int_at_least,
+)
 from autotransfer.cli.common import Command, writable
 from autotransfer.cli.output import print_export
 from autotransfer.defaults import DEVICES
@@ -27,11 +33,13 @@ class WriteReport(Command):
         add_study_arguments(parser)
         parser.add_argument("--top", type=int_at_least("--top", 10), default=10,
                             help="trials shown in report.html and printed here (default: 10)")
+        add_artifacts_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         import matplotlib
 
         matplotlib.use("Agg")  # files only; never open a window
+        from autotransfer.artifacts import open_store, resolve_location
         from autotransfer.html_report import write_report
         from autotransfer.report import to_markdown
         from autotransfer.studies import locate, open_existing
@@ -39,7 +47,8 @@ class WriteReport(Command):
         name, storage, out = locate(args.study_name, args.storage, args.out)
         study = open_existing(name, storage)
         writable(out)
-        report = write_report(study, out, storage=storage, top=args.top)
+        report = write_report(study, out, storage=storage, top=args.top,
+                              store=open_store(resolve_location(study, args.artifacts, out, storage)))
         board, best = report.board, report.best
         counts = ", ".join(f"{n} {s}" for s, n in board.state.value_counts().items())
         print(f"study {name!r} in {storage}: {len(board)} trials ({counts or 'none'})")
@@ -81,11 +90,12 @@ class Export(Command):
                             help="where the refits train (default: auto)")
         add_refit_argument(parser)
         add_precision_argument(parser)
+        add_artifacts_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from optuna.trial import TrialState
 
-        from autotransfer.checkpoints import checkpoint_path
+        from autotransfer.artifacts import open_store, resolve_location
         from autotransfer.features import DEFAULT_MEMORY_LIMIT, ActivationCache
         from autotransfer.pipeline import export_trial
         from autotransfer.studies import load_inputs, locate, open_existing
@@ -105,21 +115,34 @@ class Export(Command):
                                      spill=out / "cache")
         dest = args.dest or out / f"trial_{number}"
         writable(dest.parent)
-        if args.refit:
-            from autotransfer.refit import member_count
-            from autotransfer.strategy import Strategy
-
-            times = member_count(Strategy.from_dict(study.trials[number].user_attrs["strategy"]), args.refit)
-            print(f"trial {number}: training its strategy {times} time(s) on train+val (--refit 0 exports the "
-                  "trial as searched)", file=sys.stderr)
-        elif not checkpoint_path(out, number).is_file():
-            print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
-                  "from its stored strategy and seed", file=sys.stderr)
         precision = parse_precisions(args.precision)
+        store = open_store(resolve_location(study, args.artifacts, out, storage))
+        _say_what_trains(study, number, args.refit, precision, out, store)
         result = export_trial(study, number, backbone, ActivationCache(backbone, data, folder=out / "cache"),
-                              study_out=out, dest=dest, precision=precision, refits=args.refit, device=args.device)
+                              study_out=out, dest=dest, precision=precision, refits=args.refit, device=args.device,
+                              store=store)
         print_export(f"trial {number}", result.metrics, result.folder)
         return 0
+
+
+def _say_what_trains(study, number: int, refits: int, precision: tuple[str, ...], out: Path, store) -> None:
+    """One line on stderr: the export comes from the study's artifacts, or what is trained for it."""
+    from autotransfer.artifacts import export_available
+    from autotransfer.checkpoints import has_weights
+
+    if export_available(store, study, number, refits, precision):
+        print(f"trial {number}: its export (--refit {refits}, {', '.join(precision)}) is stored in the study's "
+              "artifacts; using it, nothing is trained", file=sys.stderr)
+    elif refits:
+        from autotransfer.refit import member_count
+        from autotransfer.strategy import Strategy
+
+        times = member_count(Strategy.from_dict(study.trials[number].user_attrs["strategy"]), refits)
+        print(f"trial {number}: training its strategy {times} time(s) on train+val (--refit 0 exports the "
+              "trial as searched)", file=sys.stderr)
+    elif not has_weights(study, number, out, store):
+        print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
+              "from its stored strategy and seed", file=sys.stderr)
 
 
 class Studies(Command):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from autotransfer import __version__
 from autotransfer.cli.arguments import (
+    add_artifacts_argument,
     add_data_arguments,
     add_max_steps_argument,
     add_metric_argument,
@@ -52,6 +53,7 @@ class Search(Command):
         add_data_arguments(parser)
         add_refit_argument(parser)
         add_precision_argument(parser)
+        add_artifacts_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from autotransfer.storage import DEFAULT_HEARTBEAT
@@ -63,7 +65,8 @@ class Search(Command):
         name = args.study_name or cache.data.name
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
                              budget=args.budget, seed=args.seed, max_steps=args.max_steps, timeout=args.timeout,
-                             device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT, metric=args.metric)
+                             device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT,
+                             metric=args.metric, artifacts=args.artifacts)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
                       weights=args.weights, group_names=backbone.group_names)
@@ -90,6 +93,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     from autotransfer.workers import diversify_sampler, run_workers
 
     study = open_study(config, backbone=backbone, data_fingerprint=cache.data.fingerprint)
+    config = _with_artifacts(study, config)
     if source is not None:  # lets `export` rebuild the inputs of any trial and `report` name the groups
         record_source(study, **source)
     data = cache.data
@@ -123,7 +127,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
         return EXIT_INTERRUPTED
     bar.close()
     best = best_trial(study)
-    if refits and best is not None:
+    if refits and best is not None and not _export_stored(study, config, best.number, refits, precision):
         from autotransfer.refit import member_count
         from autotransfer.strategy import Strategy
 
@@ -133,6 +137,28 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     result = finish_study(study, config, backbone, cache, precision=precision, refits=refits)
     _print_summary(study, config, result)
     return 0
+
+
+def _with_artifacts(study, config):
+    """`config` with the study's artifact store (--artifacts, as recorded, or `<out>/artifacts` for SQLite),
+    recorded in the study for the other machines and commands."""
+    import dataclasses
+
+    from autotransfer.artifacts import record_location, resolve_location
+
+    location = resolve_location(study, config.artifacts, config.out, config.storage)
+    record_location(study, location)
+    if location is None:
+        print("artifacts: none (a shared storage needs --artifacts DIR|s3://bucket for machines to share models)")
+    return dataclasses.replace(config, artifacts=location)
+
+
+def _export_stored(study, config, number: int, refits: int, precision: tuple[str, ...]) -> bool:
+    """Whether another machine already stored this export in the study (then nothing is trained for it)."""
+    from autotransfer.artifacts import export_available, open_store
+
+    return config.artifacts is not None and export_available(open_store(config.artifacts), study, number, refits,
+                                                             precision)
 
 
 def _print_setting(study, config, backbone, cache) -> None:
