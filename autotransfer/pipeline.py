@@ -68,8 +68,7 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     """
     data: ImageData = cache.data
     precisions = parse_precisions(precision)
-    reused = _stored(study, number, refits, precisions, store, dest)
-    if reused is not None:
+    if (reused := _stored(study, number, refits, precisions, store, dest)) is not None:
         return reused
     trial = study.trials[number]
     if "strategy" not in trial.user_attrs:

@@ -271,8 +271,7 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
                metric: str, description: str) -> TrialResult:
     """`s.steps` optimizer steps from the fitted head; reports validation `metric` at `report_at` and at the end."""
     augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
-    # The cache serves the freeze boundary, or the nearest one it stores below (frozen groups run in between);
-    # augmented views are new: they start from the images. Evaluation has no augmentation: the cache serves it.
+    # From the freeze boundary or the nearest stored one below; augmented views are new: from the images.
     evaluate_from = cache.start_boundary(s.freeze) if use_cache else 0
     start = evaluate_from if augment is None else 0
     x_train, y_train = cache.split(start, fit_split)
