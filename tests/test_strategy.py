@@ -9,12 +9,12 @@ from autotransfer.strategy import SearchSpace, Strategy, enqueue_params, suggest
 SPACE = SearchSpace(num_groups=9, max_steps=120)
 
 
-def _sample(n=300, seed=0):
+def _sample(n=300, seed=0, space=SPACE):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     out = []
     for _ in range(n):
         trial = study.ask()
-        out.append((suggest_strategy(trial, SPACE), trial.params))
+        out.append((suggest_strategy(trial, space), trial.params))
         study.tell(trial, 0.0)
     return out
 
@@ -96,13 +96,7 @@ def test_a_narrowed_space_keeps_taps_and_fine_tuning_depth_inside_its_bounds():
 
 
 def _draw(space, n=120):
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
-    out = []
-    for _ in range(n):
-        trial = study.ask()
-        out.append((suggest_strategy(trial, space), trial.params))
-        study.tell(trial, 0.0)
-    return out
+    return _sample(n, seed=2, space=space)
 
 
 def test_class_weight_is_searched_only_on_imbalanced_data():
