@@ -14,8 +14,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from itertools import groupby
+from typing import TYPE_CHECKING
 
 import optuna
+
+if TYPE_CHECKING:  # the leaderboard reads rankings without torch
+    from autotransfer.calibration import Margin
 
 
 def _margin(trial: optuna.trial.FrozenTrial) -> float:
@@ -35,3 +39,11 @@ def ranked(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.trial.Froz
         rest = sorted((t for t in group if _margin(t) < floor), key=lambda t: (-_margin(t), t.number))
         order += tied + rest
     return order
+
+
+def ranks_above(score: float, margin: Margin, best: optuna.trial.FrozenTrial | None) -> bool:
+    """Whether a new result would rank above `best` (the rule of `ranked` for two trials: an equal score needs
+    a margin better by more than its standard error, since the earlier trial wins a tie)."""
+    if best is None or score != best.value:
+        return best is None or score > best.value
+    return margin.mean - margin.se > _margin(best)

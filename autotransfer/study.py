@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +30,6 @@ from autotransfer.budget import (
     not_run,
     wait_for_slot,
 )
-from autotransfer.calibration import Margin
 from autotransfer.checkpoints import (  # noqa: F401 - load_trial_model re-exported
     checkpoint_path,
     load_trial_model,
@@ -44,7 +42,7 @@ from autotransfer.fidelity import REDUCTION, StepLadder
 from autotransfer.metrics import choose_metric
 from autotransfer.optuna_compat import finished_elsewhere, trial_by_number
 from autotransfer.prior import build_prior
-from autotransfer.ranking import ranked
+from autotransfer.ranking import ranked, ranks_above
 from autotransfer.storage import (
     DEFAULT_HEARTBEAT,
     default_storage,  # noqa: F401 - re-exported: callers import it from here
@@ -224,19 +222,11 @@ class _Objective:
         trial.set_user_attr("val_margin", result.val_margin.mean)
         trial.set_user_attr("val_margin_se", result.val_margin.se)
         # other workers' trials count too: keep only the study's best weights
-        if _beats(result.val_score, result.val_margin, best_trial(self.study)):
+        if ranks_above(result.val_score, result.val_margin, best_trial(self.study)):
             save_checkpoint(self.config.out, trial.number, result, strategy)
             if self.store is not None:  # other machines and later commands load it instead of training again
                 upload_checkpoint(self.store, trial, checkpoint_path(self.config.out, trial.number))
         return result.val_score
-
-
-def _beats(score: float, margin: Margin, best: optuna.trial.FrozenTrial | None) -> bool:
-    """Whether a new result ranks above the study's best trial (`ranking.py`: an equal score needs a margin
-    better by more than its standard error, since the earlier trial wins a tie)."""
-    if best is None or score != best.value:
-        return best is None or score > best.value
-    return margin.mean - margin.se > best.user_attrs.get("val_margin", -math.inf)
 
 
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,
