@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import optuna
@@ -23,12 +24,17 @@ def checkpoint_path(out: Path, number: int) -> Path:
     return out / CHECKPOINTS / f"trial_{number}.pt"
 
 
-def save_checkpoint(out: Path, number: int, result: TrialResult, strategy: Strategy) -> None:
-    """Keep the weights of the best trial so far (and only those) for export."""
+def save_checkpoint(out: Path, number: int, result: TrialResult, strategy: Strategy, keep: Iterable[int] = ()) -> None:
+    """Keep the weights of the best trial so far for export, and delete the others' but those in `keep`.
+
+    `keep`: trials whose files another process may still need: the running ones (another worker may be
+    saving or uploading its own right now). A best trial whose file is gone is retrained exactly at export.
+    """
     with replacing_file(checkpoint_path(out, number)) as tmp:
         torch.save({"strategy": strategy.to_dict(), "state_dict": result.model.state_dict()}, tmp)
+    kept = {checkpoint_path(out, n).name for n in (number, *keep)}
     for old in (out / CHECKPOINTS).glob("trial_*.pt"):
-        if old.name != f"trial_{number}.pt":
+        if old.name not in kept:
             old.unlink(missing_ok=True)
 
 

@@ -13,6 +13,11 @@ Written against Optuna 5.0.0.
 - `StaleTrialHook`: an `RDBStorage` whose `before_failing_stale(trial_ids)` runs with the ids of trials
   whose heartbeat stopped, just before Optuna fails them (a failed trial accepts no more attributes).
   Overrides `RDBStorage._get_stale_trial_ids`, which `optuna.storages.fail_stale_trials` calls.
+- `AtomicClaimStorage`: an `RDBStorage` where a queued (WAITING) trial starts in one conditional UPDATE, so
+  two processes can never both run it. Optuna reads the state, then writes RUNNING; SQLite ignores the row
+  lock it asks for, and several workers popping the queue at once started the same trial twice.
+  Overrides `RDBStorage.set_trial_state_values` for the RUNNING state, with Optuna's `models.TrialModel`
+  and `_create_scoped_session`.
 - `finished_elsewhere(error)`: whether an error out of `Study.optimize` / `Study.tell` says that the trial
   was already finished (another process failed it as lost). Matches Optuna's ValueError "Cannot tell a
   <STATE> trial.", also where Optuna 5.0's `Study.optimize` masks it with AssertionError("Should not
@@ -21,11 +26,15 @@ Written against Optuna 5.0.0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
-from optuna.trial import FrozenTrial
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import FrozenTrial, TrialState
 
 _FINISHED_MESSAGE = "Cannot tell a "  # optuna/study/_tell.py: f"Cannot tell a {state.name} trial."
 
@@ -57,6 +66,24 @@ class StaleTrialHook(RDBStorage):
         if stale:
             self.before_failing_stale(stale)
         return stale
+
+
+class AtomicClaimStorage(RDBStorage):
+    """RDBStorage whose WAITING -> RUNNING transition is one compare-and-set UPDATE (safe on SQLite too)."""
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
+        if state != TrialState.RUNNING or values is not None:
+            return super().set_trial_state_values(trial_id, state, values)
+        with _create_scoped_session(self.scoped_session) as session:
+            claimed = (session.query(models.TrialModel)
+                       .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.WAITING)
+                       .update({models.TrialModel.state: TrialState.RUNNING}, synchronize_session=False))
+            if claimed:  # same transaction: the start time is written with the claim
+                models.TrialModel.find_or_raise_by_id(trial_id, session).datetime_start = datetime.now()
+        if claimed:
+            return True
+        self.check_trial_is_updatable(trial_id, self.get_trial(trial_id).state)  # raises for a finished trial
+        return False
 
 
 def finished_elsewhere(error: BaseException) -> bool:

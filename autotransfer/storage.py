@@ -23,7 +23,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial
 
 from autotransfer.errors import ConfigError
-from autotransfer.optuna_compat import StaleTrialHook
+from autotransfer.optuna_compat import AtomicClaimStorage, StaleTrialHook
 
 DEFAULT_HEARTBEAT = 10  # seconds between heartbeats of a running trial
 GRACE_INTERVALS = 3  # a trial silent for this many heartbeat intervals is considered lost
@@ -45,7 +45,7 @@ class _RetryLostTrial(RetryHeartbeatStaleTrialCallback):
         super().__call__(study, fresh)
 
 
-class _HeartbeatStorage(StaleTrialHook):
+class _HeartbeatStorage(StaleTrialHook, AtomicClaimStorage):
     """RDBStorage that writes why a lost trial failed before Optuna marks it (a failed trial takes no attributes)."""
 
     def before_failing_stale(self, trial_ids: list[int]) -> None:

@@ -223,7 +223,8 @@ class _Objective:
         trial.set_user_attr("val_margin_se", result.val_margin.se)
         # other workers' trials count too: keep only the study's best weights
         if ranks_above(result.val_score, result.val_margin, best_trial(self.study)):
-            save_checkpoint(self.config.out, trial.number, result, strategy)
+            running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            save_checkpoint(self.config.out, trial.number, result, strategy, keep=[t.number for t in running])
             if self.store is not None:  # other machines and later commands load it instead of training again
                 upload_checkpoint(self.store, trial, checkpoint_path(self.config.out, trial.number))
         return result.val_score

@@ -112,3 +112,18 @@ def test_finished_elsewhere_recognises_optuna_refusing_a_late_tell(study, url):
         assert optuna_compat.finished_elsewhere(raised.value), f"{objective.__name__}: {raised.value!r}"
     assert not optuna_compat.finished_elsewhere(ValueError("The value nan is not acceptable"))
     assert not optuna_compat.finished_elsewhere(AssertionError("Should not reach."))
+
+
+def test_atomic_claim_starts_a_queued_trial_once_and_refuses_a_finished_one(url):
+    storage = optuna_compat.AtomicClaimStorage(url)
+    study = optuna.create_study(study_name="compat", storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    trial_id = study.trials[0]._trial_id
+    assert storage.set_trial_state_values(trial_id, TrialState.RUNNING) is True
+    started = storage.get_trial(trial_id)
+    assert started.state == TrialState.RUNNING and started.datetime_start is not None
+    assert storage.set_trial_state_values(trial_id, TrialState.RUNNING) is False, "a second claim loses"
+    assert storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [0.5]) is True
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(trial_id, TrialState.RUNNING)
+    assert storage.get_trial(trial_id).value == 0.5

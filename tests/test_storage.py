@@ -1,5 +1,7 @@
 """Storage URLs: search's default, where the commands look for it, and the one message for a URL that fails."""
 
+import multiprocessing
+
 import optuna
 import pytest
 
@@ -60,3 +62,35 @@ def test_every_place_that_opens_a_url_says_the_same(tmp_path, monkeypatch):
     monkeypatch.setattr(optuna.study, "get_all_study_names", fail)
     with pytest.raises(ConfigError, match=r"cannot be opened \(RuntimeError: \)"):
         study_names(default_storage(tmp_path))
+
+
+def _claim_all(url: str, found) -> None:
+    """Start queued trials until none is left, as a worker's `study.optimize` does; report their ids."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.load_study(study_name="race", storage=open_storage(url))
+    claimed = []
+    while (trial := study.ask()).number < QUEUED:
+        claimed.append(trial.number)
+    found.put(claimed)
+
+
+QUEUED = 150
+
+
+def test_processes_racing_for_the_queue_never_start_the_same_trial_twice(tmp_path):
+    """Optuna reads WAITING, then writes RUNNING; on SQLite two processes both did it (the race lost to CI)."""
+    url = default_storage(tmp_path)
+    study = optuna.create_study(study_name="race", storage=open_storage(url))
+    for i in range(QUEUED):
+        study.enqueue_trial({"x": i}, skip_if_exists=False)
+    found = multiprocessing.get_context("spawn").Queue()
+    workers = [multiprocessing.get_context("spawn").Process(target=_claim_all, args=(url, found)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    claimed = [found.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(30)
+    numbers = sorted(sum(claimed, []))
+    assert numbers == list(range(QUEUED)), "every queued trial started exactly once"
+    assert sum(bool(c) for c in claimed) >= 2, "the processes really raced"
+    assert all(t.datetime_start is not None for t in optuna.load_study(study_name="race", storage=url).trials)

@@ -3,6 +3,7 @@ import dataclasses
 import optuna
 import pytest
 
+from autotransfer.checkpoints import save_checkpoint
 from autotransfer.data import load_data
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
@@ -10,6 +11,7 @@ from autotransfer.prior import build_prior
 from autotransfer.report import COLUMNS, leaderboard
 from autotransfer.strategy import Strategy
 from autotransfer.study import StudyConfig, best_trial, default_storage, finished_trials, open_study, run_study
+from autotransfer.trainer import train_trial
 
 
 def _config(tmp_path, budget, **kw):
@@ -97,3 +99,14 @@ def test_a_hopeless_fine_tuning_trial_stops_at_the_first_rung(tmp_path, tiny, ti
     assert second.state == optuna.trial.TrialState.PRUNED and list(second.intermediate_values) == [2]
     assert second.user_attrs["steps_run"] == 2 and second.intermediate_values[2] < first.intermediate_values[2]
     assert 0 < first.user_attrs["train_accuracy"] <= 1, "kept for the refit's check"
+
+
+def test_a_new_best_checkpoint_leaves_the_files_of_trials_still_running(tmp_path, tiny, tiny_cache):
+    """Another worker's running trial may be between saving and uploading its file: deleting it failed that trial."""
+    strategy = build_prior(tiny_cache, max_steps=20).first_strategies[0]
+    result = train_trial(strategy, tiny, tiny_cache)
+    save_checkpoint(tmp_path, 1, result, strategy)
+    save_checkpoint(tmp_path, 2, result, strategy, keep=[1, 2])
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["trial_1.pt", "trial_2.pt"]
+    save_checkpoint(tmp_path, 3, result, strategy, keep=[3])
+    assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["trial_3.pt"]
