@@ -114,6 +114,7 @@ def test_the_html_report_says_the_shipped_model_is_a_student():
     from autotransfer.html_report import _refit_note
 
     student = {"refits": 3, "distillation": {"shipped": "student", "ensemble_test_accuracy": 0.98}}
-    assert _refit_note(student) == "; one student distilled from 3 refits on train+val (ensemble's test accuracy 0.9800)"
+    note = "; one student distilled from 3 refits on train+val (ensemble's test accuracy 0.9800)"
+    assert _refit_note(student) == note
     refused = {"refits": 3, "distillation": {"shipped": "ensemble", "ensemble_test_accuracy": 0.98}}
     assert _refit_note(refused) == "; the strategy refit 3 times on train+val, averaged"
