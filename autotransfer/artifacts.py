@@ -120,39 +120,45 @@ def _download(store: ArtifactStore, artifact_id: str, dest: Path) -> bool:
     return True
 
 
-def export_key(number: int, refits: int) -> str:
-    return f"export:{number}:refit{refits}"
+def _recipe(refits: int, distill: bool) -> str:
+    return f"refit{refits}" + ("_distil" if distill else "")
 
 
-def stored_export(study: optuna.Study, number: int, refits: int, precisions: tuple[str, ...]) -> dict[str, Any] | None:
-    """The stored export of trial `number` made with `refits` and exactly `precisions`, if any."""
-    found = study.user_attrs.get(export_key(number, refits))
+def export_key(number: int, refits: int, distill: bool = False) -> str:
+    """The study attribute of trial `number`'s export with `refits` members, distilled into one or not."""
+    return f"export:{number}:{_recipe(refits, distill)}"
+
+
+def stored_export(study: optuna.Study, number: int, refits: int, precisions: tuple[str, ...], *,
+                  distill: bool = False) -> dict[str, Any] | None:
+    """The stored export of trial `number` made with `refits` (`distill`) and exactly `precisions`, if any."""
+    found = study.user_attrs.get(export_key(number, refits, distill))
     return found if found and tuple(found.get("precisions", ())) == tuple(precisions) else None
 
 
 def export_available(store: ArtifactStore | None, study: optuna.Study, number: int, refits: int,
-                     precisions: tuple[str, ...]) -> bool:
+                     precisions: tuple[str, ...], *, distill: bool = False) -> bool:
     """Whether `stored_export` finds one and `store` holds all its files."""
-    record = stored_export(study, number, refits, precisions)
+    record = stored_export(study, number, refits, precisions, distill=distill)
     return record is not None and all(available(store, i) for i in record["files"].values())
 
 
 def upload_export(store: ArtifactStore, study: optuna.Study, number: int, refits: int,
-                  precisions: tuple[str, ...], folder: Path) -> dict[str, Any]:
+                  precisions: tuple[str, ...], folder: Path, *, distill: bool = False) -> dict[str, Any]:
     """Upload every file of an export folder as an artifact of the study; record their ids under `export_key`.
 
-    The artifacts are named `trial<N>_refit<R>_<file>`, so the dashboard tells the exports of a study apart.
+    The artifacts are named `trial<N>_refit<R>[_distil]_<file>`, so the dashboard tells a study's exports apart.
     """
     files = {}
     with tempfile.TemporaryDirectory() as tmp:
         for p in sorted(Path(folder).iterdir()):
             if p.is_file():
-                named = Path(tmp) / f"trial{number}_refit{refits}_{p.name}"
+                named = Path(tmp) / f"trial{number}_{_recipe(refits, distill)}_{p.name}"
                 shutil.copyfile(p, named)
                 files[p.name] = upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study)
                 named.unlink()
     record = {"precisions": list(precisions), "files": files}
-    study.set_user_attr(export_key(number, refits), record)
+    study.set_user_attr(export_key(number, refits, distill), record)
     return record
 
 

@@ -48,6 +48,10 @@ def _refit_note(test: dict[str, Any]) -> str:
     n = test.get("refits", 0)
     if n == 1:
         return "; the strategy refit once on train+val"
+    distillation = test.get("distillation") or {}
+    if distillation.get("shipped") == "student":
+        return (f"; one student distilled from {n} refits on train+val (ensemble's test accuracy "
+                f"{distillation['ensemble_test_accuracy']:.4f})")
     return f"; the strategy refit {n} times on train+val, averaged" if n else ""
 
 

@@ -20,12 +20,13 @@ from autotransfer.checkpoints import load_trial_model
 from autotransfer.data import ImageData
 from autotransfer.defaults import DEFAULT_REFITS
 from autotransfer.device import pick_device
+from autotransfer.distill import TOLERANCE, distil, held_out_accuracy
 from autotransfer.errors import AutotransferError
 from autotransfer.export import export_onnx, verify
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
 from autotransfer.precision import CALIBRATION_IMAGES, check_variant, make_variant, parse_precisions
 from autotransfer.progress import phase
-from autotransfer.refit import refit
+from autotransfer.refit import distils, refit
 from autotransfer.report import leaderboard, write_leaderboard
 from autotransfer.strategy import Strategy
 from autotransfer.study import StudyConfig, best_trial
@@ -49,7 +50,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: ActivationCache, *,
                  study_out: Path, dest: Path, precision: Sequence[str] = ("fp32",), refits: int = DEFAULT_REFITS,
-                 device: str = "cpu", store: ArtifactStore | None = None) -> ExportResult:
+                 device: str = "cpu", store: ArtifactStore | None = None, distill: bool = True) -> ExportResult:
     """Export trial `number` to `dest/` (model.onnx + json files), verified on the test split.
 
     With an artifact `store` (artifacts.py), an export of the same trial, refits and precisions already stored in
@@ -61,6 +62,10 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     whose members fail their check even with other seeds falls back to that model too; `metrics.json` then
     says why under `refit_fallback`.
 
+    `distill` (with several refit members) trains one student from their ensemble and ships it instead, unless
+    it loses more than half a point of test accuracy to the ensemble (`distill.py`); metrics["distillation"]
+    has both figures.
+
     `precision` may add "fp16" / "int8": model.fp16.onnx / model.int8.onnx beside model.onnx, each checked on
     the test split against fp32 and recorded under metrics["variants"] (int8 is calibrated on training images).
 
@@ -68,12 +73,13 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     """
     data: ImageData = cache.data
     precisions = parse_precisions(precision)
-    if (reused := _stored(study, number, refits, precisions, store, dest)) is not None:
-        return reused
     trial = study.trials[number]
     if "strategy" not in trial.user_attrs:
         raise AutotransferError(f"Trial {number} of study {study.study_name!r} has no stored strategy to export.")
     strategy = Strategy.from_dict(trial.user_attrs["strategy"])
+    distill = distils(strategy, refits, distill)
+    if (reused := _stored(study, number, refits, precisions, store, dest, distill)) is not None:
+        return reused
     fallback, refits_asked = None, refits
     if refits:
         outcome = refit(strategy, backbone, cache, members=refits, device=pick_device(device),
@@ -82,6 +88,9 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         refits = len(outcome.seeds)  # the members shipped: one for a seed-independent strategy, 0 on a fallback
     if not refits or fallback is not None:  # a refit that cannot be trusted ships the searched trial's own model
         model, retrained = load_trial_model(study, number, backbone, cache, study_out, store)
+    distillation = None
+    if distill and fallback is None:
+        model, distillation = _distilled(model, strategy, backbone, cache, device, study, trial)
     trained_on = TRAIN_AND_VAL if refits else "train"
     preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
                   "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),
@@ -92,27 +101,62 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
                 "mean": list(backbone.mean), "std": list(backbone.std), "input_range": "0-1 RGB",
                 "backbone": backbone.name, "weights": backbone.weights_id, "strategy": strategy.to_dict(),
                 "optuna_study": study.study_name, "optuna_trial_number": number, **scores,
-                "refits": refits, "trained_on": trained_on, "autotransfer_version": __version__}
+                "refits": refits, "distilled": _student_recipe(distillation),
+                "trained_on": trained_on, "autotransfer_version": __version__}
 
     with replacing_folder(dest) as tmp:  # never leaves a half-written export behind
         checks, variants = _onnx_files(model, tmp / "model.onnx", data, backbone, metadata, precisions)
         metrics = {"trial": number, **scores, **checks, "retrained": retrained, "refits": refits,
                    "trained_on": trained_on, "refit_fallback": fallback, "backbone": backbone.name, "data": data.name,
-                   "precisions": list(precisions), "variants": variants}
+                   "precisions": list(precisions), "variants": variants, "distillation": distillation}
         _write_json(tmp / "metrics.json", metrics)
         _write_json(tmp / "strategy.json", {**strategy.to_dict(), "backbone": backbone.name,
                                             "description": strategy.describe(backbone.group_names)})
         _write_json(tmp / "classes.json", list(data.classes))
         _write_json(tmp / "preprocess.json", preprocess)
         if store is not None:
-            upload_export(store, study, number, refits_asked, precisions, tmp)
+            upload_export(store, study, number, refits_asked, precisions, tmp, distill=distill)
     return ExportResult(dest, metrics, retrained)
 
 
+def _distilled(ensemble: nn.Module, strategy: Strategy, backbone: Backbone, cache: ActivationCache, device: str,
+               study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[nn.Module, dict[str, Any]]:
+    """(model to ship, the record of `metrics["distillation"]`): the student of `ensemble`, or the ensemble when
+    the student failed its check or loses more than `distill.TOLERANCE` of test accuracy to it.
+
+    The test split decides between two finished models here (the issue's rule): the shipped model's test
+    figure is then a slightly optimistic estimate, and the record says which model it is.
+    """
+    student = distil(strategy, ensemble, backbone, cache, device=pick_device(device),
+                     metric=study.user_attrs.get("metric", "accuracy"),
+                     reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
+    x_test, y_test = cache.data.subset("test")
+    x_test = normalise(x_test, backbone.mean, backbone.std)
+    teacher_acc = held_out_accuracy(ensemble, x_test, y_test)
+    record = {"ensemble_test_accuracy": teacher_acc, "temperature": student.temperature, "alpha": student.alpha,
+              "candidates_val": student.candidates, "tolerance": TOLERANCE}
+    if student.model is None:
+        return ensemble, {**record, "shipped": "ensemble", "student_test_accuracy": None, "why": student.failure}
+    student_acc = held_out_accuracy(student.model, x_test, y_test)
+    record["student_test_accuracy"] = student_acc
+    if student_acc < teacher_acc - TOLERANCE:
+        why = (f"the student loses {100 * (teacher_acc - student_acc):.1f} points of test accuracy to the "
+               f"ensemble (more than {100 * TOLERANCE:g})")
+        return ensemble, {**record, "shipped": "ensemble", "why": why}
+    return student.model, {**record, "shipped": "student", "why": None}
+
+
+def _student_recipe(distillation: dict[str, Any] | None) -> dict[str, float] | None:
+    """What the shipped student was distilled with (None: no student shipped), for the model's metadata."""
+    if distillation is None or distillation["shipped"] != "student":
+        return None
+    return {"temperature": distillation["temperature"], "alpha": distillation["alpha"]}
+
+
 def _stored(study: optuna.Study, number: int, refits: int, precisions: tuple[str, ...], store: ArtifactStore | None,
-            dest: Path) -> ExportResult | None:
+            dest: Path, distill: bool = False) -> ExportResult | None:
     """The stored export of this trial, refits and precisions, downloaded to `dest`; None if there is none."""
-    record = stored_export(study, number, refits, precisions) if store is not None else None
+    record = stored_export(study, number, refits, precisions, distill=distill) if store is not None else None
     if record is None:
         return None
     try:
@@ -163,7 +207,8 @@ def _check_images(data: ImageData, backbone: Backbone) -> np.ndarray:
 
 
 def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache, *,
-                 precision: Sequence[str] = ("fp32",), refits: int = DEFAULT_REFITS) -> ExportResult:
+                 precision: Sequence[str] = ("fp32",), refits: int = DEFAULT_REFITS,
+                 distill: bool = True) -> ExportResult:
     """Write the leaderboard and export the best trial (refit `refits` times, in each of `precision`) to `out/best/`."""
     write_leaderboard(leaderboard(study), config.out)
     best = best_trial(study)
@@ -171,4 +216,5 @@ def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, c
         raise AutotransferError(f"Study {study.study_name!r} has no complete trial to export; see "
                                 f"{config.out / 'leaderboard.md'} for why trials failed.")
     return export_trial(study, best.number, backbone, cache, study_out=config.out, dest=config.out / "best",
-                        precision=precision, refits=refits, device=config.device, store=open_store(config.artifacts))
+                        precision=precision, refits=refits, device=config.device, store=open_store(config.artifacts),
+                        distill=distill)

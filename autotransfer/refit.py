@@ -49,7 +49,11 @@ class Ensemble(nn.Module):
         self.tails = nn.ModuleList(nn.Sequential(*m.groups[freeze:], m.pool, m.head) for m in members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.trunk(x)
+        return self.forward_from(x, 0)
+
+    def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """From the input of group `start` (at most the freeze boundary), as `TransferModel.forward_from`."""
+        h = self.trunk[start:](x)
         log_probs = torch.stack([tail(h).log_softmax(dim=1) for tail in self.tails])
         return torch.logsumexp(log_probs, dim=0) - math.log(len(self.tails))
 
@@ -81,7 +85,7 @@ def refit_schedule(strategy: Strategy, cache: ActivationCache) -> Strategy:
     return dataclasses.replace(strategy, steps=max(1, round(strategy.steps * scale)))
 
 
-def _check(result: TrialResult, reference: float | None) -> str | None:
+def check_member(result: TrialResult, reference: float | None) -> str | None:
     """Why a member must not be shipped, or None: its training accuracy against the searched trial's."""
     if not math.isfinite(result.train_accuracy):
         return f"accuracy on its training data is {result.train_accuracy}"
@@ -94,6 +98,12 @@ def _check(result: TrialResult, reference: float | None) -> str | None:
 def member_count(strategy: Strategy, requested: int) -> int:
     """Members a refit trains: one for a seed-independent strategy (every seed trains the same weights)."""
     return min(requested, 1) if strategy.seed_independent else requested
+
+
+def distils(strategy: Strategy, requested: int, distill: bool) -> bool:
+    """Whether an export with `requested` refits and `distill` distils an ensemble (`distill.py`): only when the
+    refit trains several members."""
+    return distill and member_count(strategy, requested) > 1
 
 
 def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, members: int = DEFAULT_REFITS,
@@ -119,7 +129,7 @@ def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, mem
             with phase(f"{name}: head fit") if not schedule.trains_backbone else contextlib.nullcontext():
                 result = train_trial(dataclasses.replace(schedule, seed=seed), backbone, cache, device=device,
                                      fit_split=TRAIN_AND_VAL, description=name)
-            problem = _check(result, reference_train_accuracy)
+            problem = check_member(result, reference_train_accuracy)
         except TrainingDiverged as e:
             problem = str(e)
         if problem is None:

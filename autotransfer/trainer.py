@@ -35,6 +35,9 @@ from autotransfer.progress import progress
 from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
 
 Report = Callable[[int, float], None]
+# (hard-label loss, student logits, the batch as it enters group `start`, start) -> the loss to minimise; a
+# fine-tune that learns from a teacher (distillation, see `distill.py`) passes one.
+SoftLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 LBFGS_ITERATIONS = 300  # converged: digits probes move by less than one validation image past ~100
 
 
@@ -219,7 +222,8 @@ def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache:
 
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, report: Report | None = None,
                 report_at: Sequence[int] = (), device: torch.device | str = "cpu", use_cache: bool = True,
-                fit_split: str = "train", metric: str = "accuracy", description: str = "fine-tune") -> TrialResult:
+                fit_split: str = "train", metric: str = "accuracy", description: str = "fine-tune",
+                soft_loss: SoftLoss | None = None) -> TrialResult:
     """Train `strategy`; return its final validation accuracy and `metric` (and its accuracy on the data it
     was fitted to). Reports at `report_at` and the history are in `metric`, the study's objective.
 
@@ -229,6 +233,7 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     `benchmarks/search_speed.py`); the training itself is the same.
     `fit_split="train+val"` trains on both splits (the final refit, see `refit.py`); the validation accuracy
     it returns then scores training data and is no estimate of anything.
+    `soft_loss` replaces a fine-tune's loss on each batch (a teacher's soft targets, see `distill.py`).
     """
     start_time = time.perf_counter()
     s = strategy
@@ -249,7 +254,7 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
         return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
                            seconds=time.perf_counter() - start_time, model=model, val_score=val_score, metric=metric)
     return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
-                      description)
+                      description, soft_loss)
 
 
 def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callable[[], None]):
@@ -268,7 +273,7 @@ def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callab
 
 def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
                report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float,
-               metric: str, description: str) -> TrialResult:
+               metric: str, description: str, soft_loss: SoftLoss | None = None) -> TrialResult:
     """`s.steps` optimizer steps from the fitted head; reports validation `metric` at `report_at` and at the end."""
     augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
     # From the freeze boundary or the nearest stored one below; augmented views are new: from the images.
@@ -302,7 +307,10 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
             if augment is not None:
                 batch = augment_batch(batch, augment)
             with autocast(device):
-                loss = criterion(forward_train(_to_input(batch, device, cache)).float(), y_train[idx.to(device)])
+                inputs = _to_input(batch, device, cache)
+                logits = forward_train(inputs).float()
+                loss = criterion(logits, y_train[idx.to(device)])
+                loss = loss if soft_loss is None else soft_loss(loss, logits, inputs, start)
             if s.l2sp_alpha > 0:
                 loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
             if not torch.isfinite(loss):

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from autotransfer.backbones import get_backbone  # noqa: E402
 from autotransfer.data import load_data  # noqa: E402
+from autotransfer.distill import distil  # noqa: E402
 from autotransfer.export import export_onnx, read_metadata  # noqa: E402
 from autotransfer.features import ActivationCache, normalise  # noqa: E402
 from autotransfer.model import build_model  # noqa: E402
@@ -68,7 +69,12 @@ def torch_model_for(model_path: Path):
         name = json.loads((model_path.parent / "metrics.json").read_text())["data"]
         backbone = get_backbone(meta["backbone"])
         data = load_data(name, image_size=meta["input_size"][-1], seed=strategy.seed)
-        return refit(strategy, backbone, ActivationCache(backbone, data), members=meta["refits"]).model.eval(), meta
+        cache = ActivationCache(backbone, data)
+        model = refit(strategy, backbone, cache, members=meta["refits"]).model.eval()
+        if meta.get("distilled"):  # the student of that ensemble, with the recorded temperature and alpha
+            recipe = ((meta["distilled"]["temperature"], meta["distilled"]["alpha"]),)
+            model = distil(strategy, model, backbone, cache, candidates=recipe).model
+        return model.eval(), meta
     number = meta["optuna_trial_number"]
     checkpoint = model_path.resolve().parent.parent / "checkpoints" / f"trial_{number}.pt"
     if not checkpoint.is_file():

@@ -81,7 +81,7 @@ def _search(out, *extra):
 
 
 def test_search_exports_the_refit_and_refit_0_the_trial_as_searched(tmp_path, capsys):
-    assert _search(tmp_path / "a", "--refit", "2") == 0
+    assert _search(tmp_path / "a", "--refit", "2", "--no-distill") == 0  # distillation: tests/test_distill.py
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "a" / "best" / "metrics.json").read_text())
     strategy = Strategy.from_dict(json.loads((tmp_path / "a" / "best" / "strategy.json").read_text()))

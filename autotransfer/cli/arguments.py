@@ -67,6 +67,10 @@ def add_refit_argument(parser: argparse.ArgumentParser) -> None:
                         metavar="N", help="train the chosen strategy N times on train+val (seeds seed..seed+N-1) and "
                                           "export the average of their probabilities; 0 exports the trial as "
                                           f"searched, trained on train only (default: {DEFAULT_REFITS})")
+    parser.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                        help="with several refits, train one student from their ensemble and export it, unless it "
+                             "loses more than half a point of test accuracy to the ensemble; --no-distill exports "
+                             "the ensemble (default: on)")
 
 
 def add_max_steps_argument(parser: argparse.ArgumentParser) -> None:

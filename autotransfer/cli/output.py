@@ -35,9 +35,21 @@ def describe_training(metrics: dict) -> str:
     if metrics.get("refit_fallback"):
         return (f"\nrefit on train+val rejected ({metrics['refit_fallback']}); shipped the searched trial's own "
                 "model, trained on train")
+    distillation = metrics.get("distillation")
+    if distillation and distillation["shipped"] == "student":
+        return (f"  (one student distilled from {refits} refits on train+val: test "
+                f"{distillation['student_test_accuracy']:.4f} against the ensemble's "
+                f"{distillation['ensemble_test_accuracy']:.4f}, {distillation_choice(distillation)})")
+    if distillation:
+        return (f"  ({refits} refits on train+val, averaged)\nstudent refused, shipped the ensemble: "
+                f"{distillation['why']}")
     if refits:
         return f"  ({refits} refit{'s' if refits > 1 else ''} on train+val)"
     return "  (retrained from its strategy)" if metrics.get("retrained") else ""
+
+
+def distillation_choice(distillation: dict) -> str:
+    return f"T {distillation['temperature']:g}, alpha {distillation['alpha']:g}, chosen on validation"
 
 
 def print_variants(metrics: dict) -> None:

@@ -117,29 +117,31 @@ class Export(Command):
         writable(dest.parent)
         precision = parse_precisions(args.precision)
         store = open_store(resolve_location(study, args.artifacts, out, storage))
-        _say_what_trains(study, number, args.refit, precision, out, store)
+        _say_what_trains(study, number, args.refit, args.distill, precision, out, store)
         result = export_trial(study, number, backbone, ActivationCache(backbone, data, folder=out / "cache"),
                               study_out=out, dest=dest, precision=precision, refits=args.refit, device=args.device,
-                              store=store)
+                              store=store, distill=args.distill)
         print_export(f"trial {number}", result.metrics, result.folder)
         return 0
 
 
-def _say_what_trains(study, number: int, refits: int, precision: tuple[str, ...], out: Path, store) -> None:
+def _say_what_trains(study, number: int, refits: int, distill: bool, precision: tuple[str, ...], out: Path,
+                     store) -> None:
     """One line on stderr: the export comes from the study's artifacts, or what is trained for it."""
     from autotransfer.artifacts import export_available
     from autotransfer.checkpoints import has_weights
+    from autotransfer.refit import distils, member_count
+    from autotransfer.strategy import Strategy
 
-    if export_available(store, study, number, refits, precision):
+    strategy = Strategy.from_dict(study.trials[number].user_attrs["strategy"])
+    distill = distils(strategy, refits, distill)
+    if export_available(store, study, number, refits, precision, distill=distill):
         print(f"trial {number}: its export (--refit {refits}, {', '.join(precision)}) is stored in the study's "
               "artifacts; using it, nothing is trained", file=sys.stderr)
     elif refits:
-        from autotransfer.refit import member_count
-        from autotransfer.strategy import Strategy
-
-        times = member_count(Strategy.from_dict(study.trials[number].user_attrs["strategy"]), refits)
-        print(f"trial {number}: training its strategy {times} time(s) on train+val (--refit 0 exports the "
-              "trial as searched)", file=sys.stderr)
+        student = ", then one student distilled from them (--no-distill: the ensemble)" if distill else ""
+        print(f"trial {number}: training its strategy {member_count(strategy, refits)} time(s) on train+val{student} "
+              "(--refit 0 exports the trial as searched)", file=sys.stderr)
     elif not has_weights(study, number, out, store):
         print(f"trial {number}: its weights were not kept (search keeps only the best trial's); retraining it "
               "from its stored strategy and seed", file=sys.stderr)

@@ -73,7 +73,7 @@ class Search(Command):
         try:
             with sigterm_as_interrupt():
                 return run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source,
-                                   precision=precision, refits=args.refit)
+                                   precision=precision, refits=args.refit, distill=args.distill)
         except AutotransferError:
             if created and not any(out.glob("checkpoints/*")):
                 shutil.rmtree(out, ignore_errors=True)
@@ -81,7 +81,7 @@ class Search(Command):
 
 
 def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = False, source: dict | None = None,
-               precision: tuple[str, ...] = ("fp32",), refits: int = DEFAULT_REFITS) -> int:
+               precision: tuple[str, ...] = ("fp32",), refits: int = DEFAULT_REFITS, distill: bool = True) -> int:
     import optuna
     from tqdm.auto import tqdm
 
@@ -127,14 +127,15 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
         return EXIT_INTERRUPTED
     bar.close()
     best = best_trial(study)
-    if refits and best is not None and not _export_stored(study, config, best.number, refits, precision):
-        from autotransfer.refit import member_count
+    if refits and best is not None and not _export_stored(study, config, best.number, refits, precision, distill):
+        from autotransfer.refit import distils, member_count
         from autotransfer.strategy import Strategy
 
-        times = member_count(Strategy.from_dict(best.user_attrs["strategy"]), refits)
-        print(f"training the best strategy (trial {best.number}) {times} time(s) on train+val for the export",
-              flush=True)
-    result = finish_study(study, config, backbone, cache, precision=precision, refits=refits)
+        strategy = Strategy.from_dict(best.user_attrs["strategy"])
+        student = ", then one student distilled from them" if distils(strategy, refits, distill) else ""
+        print(f"training the best strategy (trial {best.number}) {member_count(strategy, refits)} time(s) on "
+              f"train+val for the export{student}", flush=True)
+    result = finish_study(study, config, backbone, cache, precision=precision, refits=refits, distill=distill)
     _print_summary(study, config, result)
     return 0
 
@@ -153,12 +154,15 @@ def _with_artifacts(study, config):
     return dataclasses.replace(config, artifacts=location)
 
 
-def _export_stored(study, config, number: int, refits: int, precision: tuple[str, ...]) -> bool:
+def _export_stored(study, config, number: int, refits: int, precision: tuple[str, ...], distill: bool) -> bool:
     """Whether another machine already stored this export in the study (then nothing is trained for it)."""
     from autotransfer.artifacts import export_available, open_store
+    from autotransfer.refit import distils
+    from autotransfer.strategy import Strategy
 
+    distill = distils(Strategy.from_dict(study.trials[number].user_attrs["strategy"]), refits, distill)
     return config.artifacts is not None and export_available(open_store(config.artifacts), study, number, refits,
-                                                             precision)
+                                                             precision, distill=distill)
 
 
 def _print_setting(study, config, backbone, cache) -> None:
