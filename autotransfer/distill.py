@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotransfer.backbones import Backbone
-from autotransfer.features import TRAIN_AND_VAL, ActivationCache
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache, rows_per_batch
 from autotransfer.model import TransferModel
 from autotransfer.refit import check_member, refit_schedule
 from autotransfer.strategy import Strategy
@@ -113,6 +113,7 @@ def _choose(strategy: Strategy, teacher: nn.Module, backbone: Backbone, cache: A
 def held_out_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     """Top-1 accuracy of `model` (on the CPU, eval mode) on normalised images `x` with labels `y`."""
     model = model.cpu().eval()
+    batch_size = rows_per_batch(x.shape[1:], most=batch_size)
     correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                   for i in range(0, len(x), batch_size))
     return correct / max(1, len(x))

@@ -26,7 +26,7 @@ from autotransfer.backbones import Backbone
 from autotransfer.calibration import Margin, validation_margin
 from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
-from autotransfer.features import ActivationCache
+from autotransfer.features import ActivationCache, rows_per_batch
 from autotransfer.fidelity import BATCH_SIZE
 from autotransfer.heads import head_loss
 from autotransfer.metrics import balanced_class_weights, score
@@ -103,8 +103,11 @@ def _optimizer(groups: list[dict], strategy: Strategy) -> torch.optim.Optimizer:
 @torch.no_grad()
 def logits_of(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cache: ActivationCache,
               device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
-    """float32 logits [len(x), classes] on the CPU of `forward` on stored rows `x` of `cache` (any boundary)."""
+    """float32 logits [len(x), classes] on the CPU of `forward` on stored rows `x` of `cache` (any boundary).
+
+    Large rows (images at 224 px and more) go in smaller batches, so memory does not follow the image size."""
     device = torch.device(device)
+    batch_size = rows_per_batch(x.shape[1:], most=batch_size)
     out = []
     for i in range(0, len(x), batch_size):
         with autocast(device):
@@ -214,9 +217,10 @@ def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache:
         return cache.pooled(tap, model.pool.kind, split)
     x, y = cache.split(0, split)
     model.eval()
+    step = rows_per_batch(x.shape[1:])
     with torch.no_grad():
-        feats = [model.pool(nn.Sequential(*model.groups)(_to_input(x[i:i + 256], device, cache))).float().cpu()
-                 for i in range(0, len(x), 256)]
+        feats = [model.pool(nn.Sequential(*model.groups)(_to_input(x[i:i + step], device, cache))).float().cpu()
+                 for i in range(0, len(x), step)]
     return torch.cat(feats), y
 
 

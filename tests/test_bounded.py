@@ -195,3 +195,13 @@ def test_the_decoding_and_the_pass_show_progress(tiny, capsys, monkeypatch):
     assert decoding[0].startswith("decoding: 1/1797 images") and len(decoding) == 1796, "a line per image but the last"
     passes = [line.split(" images")[0] for line in err if line.startswith("activation pass: ")]
     assert passes == ["activation pass: 512/1797", "activation pass: 1024/1797", "activation pass: 1536/1797"]
+
+
+def test_no_grad_batches_shrink_for_large_rows_and_keep_small_ones_whole():
+    """A forward batch of 256 images at 224 px peaked at 3.7 GiB on Lite0: large rows go in smaller batches."""
+    from autotransfer.features import EVAL_BATCH_VALUES, rows_per_batch
+
+    assert rows_per_batch((3, 64, 64)) == 256, "digits at 64 px: batches as before"
+    assert rows_per_batch((3, 224, 224)) == 64 and rows_per_batch((3, 448, 448)) == 16
+    assert rows_per_batch((1280,)) == 256 and rows_per_batch((3, 224, 224), most=32) == 32
+    assert rows_per_batch((EVAL_BATCH_VALUES * 2,)) == 1, "never an empty batch"
