@@ -80,21 +80,10 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     distill = distils(strategy, refits, distill)
     if (reused := _stored(study, number, refits, precisions, store, dest, distill)) is not None:
         return reused
-    fallback, refits_asked = None, refits
-    if refits:
-        outcome = refit(strategy, backbone, cache, members=refits, device=pick_device(device),
-                        reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
-        model, retrained, fallback = outcome.model, False, outcome.failure
-        refits = len(outcome.seeds)  # the members shipped: one for a seed-independent strategy, 0 on a fallback
-    if not refits or fallback is not None:  # a refit that cannot be trusted ships the searched trial's own model
-        model, retrained = load_trial_model(study, number, backbone, cache, study_out, store)
-    distillation = None
-    if distill and fallback is None:
-        model, distillation = _distilled(model, strategy, backbone, cache, device, study, trial)
+    refits_asked = refits
+    model, retrained, refits, fallback, distillation = _shipped_model(study, trial, strategy, backbone, cache,
+                                                                      study_out, refits, device, store, distill)
     trained_on = TRAIN_AND_VAL if refits else "train"
-    preprocess = {"image_size": data.image_size, "resize": "shorter side to image_size, bilinear",
-                  "crop": "center", "color": "RGB", "scale": "0..1", "mean": list(backbone.mean),
-                  "std": list(backbone.std), "layout": "NCHW"}
     scores = {"metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,  # the objective
               "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value)}  # older trials: value is accuracy
     metadata = {"class_names": list(data.classes), "input_size": [3, data.image_size, data.image_size],
@@ -113,10 +102,30 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         _write_json(tmp / "strategy.json", {**strategy.to_dict(), "backbone": backbone.name,
                                             "description": strategy.describe(backbone.group_names)})
         _write_json(tmp / "classes.json", list(data.classes))
-        _write_json(tmp / "preprocess.json", preprocess)
+        _write_json(tmp / "preprocess.json", {
+            "image_size": data.image_size, "resize": "shorter side to image_size, bilinear", "crop": "center",
+            "color": "RGB", "scale": "0..1", "mean": list(backbone.mean), "std": list(backbone.std), "layout": "NCHW"})
         if store is not None:
             upload_export(store, study, number, refits_asked, precisions, tmp, distill=distill)
     return ExportResult(dest, metrics, retrained)
+
+
+def _shipped_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, strategy: Strategy, backbone: Backbone,
+                   cache: ActivationCache, study_out: Path, refits: int, device: str, store: ArtifactStore | None,
+                   distill: bool) -> tuple[nn.Module, bool, int, str | None, dict[str, Any] | None]:
+    """(model, retrained, refit members shipped, refit fallback reason, distillation record) of the export."""
+    fallback = None
+    if refits:
+        outcome = refit(strategy, backbone, cache, members=refits, device=pick_device(device),
+                        reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
+        model, retrained, fallback = outcome.model, False, outcome.failure
+        refits = len(outcome.seeds)  # the members shipped: one for a seed-independent strategy, 0 on a fallback
+    if not refits or fallback is not None:  # a refit that cannot be trusted ships the searched trial's own model
+        model, retrained = load_trial_model(study, trial.number, backbone, cache, study_out, store)
+    distillation = None
+    if distill and fallback is None:
+        model, distillation = _distilled(model, strategy, backbone, cache, device, study, trial)
+    return model, retrained, refits, fallback, distillation
 
 
 def _distilled(ensemble: nn.Module, strategy: Strategy, backbone: Backbone, cache: ActivationCache, device: str,

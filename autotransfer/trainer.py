@@ -294,7 +294,6 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
     y_train = y_train.to(device)
     checkpoints = set(report_at) if report is not None else set()
 
-    forward_train = lambda x: model.forward_from(x, start)
     forward_eval = lambda x: model.forward_from(x, evaluate_from)
 
     def validate() -> float:
@@ -303,8 +302,7 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
         _set_train_mode(model, s, new_epoch=False)
         return value
 
-    history: list[tuple[int, float]] = []
-    step = 0
+    history, step = [], 0  # (step, validation score) at each report; optimizer steps taken
     with progress(s.steps, description, "steps") as shown:  # one cheap update per step
         for idx in _batches(len(x_train), s.steps, generator, on_epoch=lambda: _set_train_mode(model, s)):
             batch = x_train[idx]
@@ -312,11 +310,10 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
                 batch = augment_batch(batch, augment)
             with autocast(device):
                 inputs = _to_input(batch, device, cache)
-                logits = forward_train(inputs).float()
+                logits = model.forward_from(inputs, start).float()
                 loss = criterion(logits, y_train[idx.to(device)])
                 loss = loss if soft_loss is None else soft_loss(loss, logits, inputs, start)
-            if s.l2sp_alpha > 0:
-                loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha)
+            loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha) if s.l2sp_alpha > 0 else loss
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}")
             optimizer.zero_grad(set_to_none=True)
