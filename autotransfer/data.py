@@ -9,14 +9,13 @@ rows are then put in split order in place, so a split is a slice and no full cop
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
 import secrets
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,18 @@ from autotransfer.images import open_image, to_rgb_square
 from autotransfer.progress import progress
 from autotransfer.rowfiles import RowWriter, check_disk, open_rows, permute_file_rows, permute_rows
 from autotransfer.runtime import available_cpus
+from autotransfer.sources import (  # noqa: F401 - EMBEDDED, IMAGE_SUFFIXES, data_name re-exported
+    EMBEDDED,
+    IMAGE_SUFFIXES,
+    SPLITS,
+    _digits,
+    check_classes,
+    data_name,
+    read_source,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-SPLITS = ("train", "val", "test")
 DECODE_THREADS = 4  # at most; never more than the CPUs this process may use
 DECODE_CHUNK = 64  # images per thread and round: what is decoded ahead of the writer
 
@@ -74,36 +80,6 @@ def _rebuild(fields: dict, images: torch.Tensor) -> ImageData:
 
 def _reopen(fields: dict, rows: int) -> ImageData:
     return ImageData(images=torch.from_numpy(open_rows(fields["images_file"])[:rows]), **fields)
-
-
-# --- embedded data sets -----------------------------------------------------------------------------
-
-
-def _digits() -> tuple[list[Image.Image], list[str]]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = [Image.fromarray((img * (255.0 / 16.0)).round().astype(np.uint8), mode="L") for img in d.images]
-    return images, [str(t) for t in d.target]
-
-
-def _digits_shifted() -> tuple[list[Image.Image], list[str]]:
-    """Digits with a domain shift: inverted contrast (light background) and a seeded rotation of +-45 degrees."""
-    images, labels = _digits()
-    rng = np.random.default_rng(0)
-    shifted = []
-    for img in images:
-        inverted = Image.fromarray(255 - np.asarray(img), mode="L").resize((32, 32), Image.BILINEAR)
-        shifted.append(inverted.rotate(float(rng.uniform(-45, 45)), resample=Image.BILINEAR, fillcolor=255))
-    return shifted, labels
-
-
-EMBEDDED: dict[str, tuple[Callable[[], tuple[list[Image.Image], list[str]]], int, str]] = {
-    # name -> (loader, default image size, description)
-    "digits": (_digits, 64, "sklearn handwritten digits: 1,797 8x8 grayscale images, 10 classes"),
-    "digits_shifted": (_digits_shifted, 64, "the same digits inverted (dark on light) and rotated +-45 degrees: "
-                                            "a domain shift away from ImageNet's statistics"),
-}
 
 
 # --- decoding ---------------------------------------------------------------------------------------
@@ -203,46 +179,6 @@ def default_image_size(items: Sequence[str | Image.Image]) -> int:
 # --- sources ----------------------------------------------------------------------------------------
 
 
-def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
-    items, labels, others = [], [], []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith("."))
-        images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-        others += [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
-        items += [str(f) for f in images]
-        labels += [class_dir.name] * len(images)
-    if others:
-        logger.warning("Ignoring %d non-image file(s) in %s, e.g. %s; images must end in %s", len(others), root,
-                       others[0].relative_to(root), ", ".join(IMAGE_SUFFIXES))
-    return items, labels
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[str]]:
-    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise stick to "path"
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
-                raise DataError(
-                    f"CSV {str(path)!r} must have a header with columns 'path' and 'label', got "
-                    f"{reader.fieldnames}; write one row per image as `path,label`."
-                )
-            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    except UnicodeDecodeError as e:
-        raise DataError(f"CSV {str(path)!r} is not UTF-8 text (byte {e.start} cannot be decoded); save it as "
-                        "UTF-8 (in Excel: 'CSV UTF-8').") from None
-    items, labels = [], []
-    for i, row in enumerate(rows, start=2):
-        p = Path(row["path"])
-        p = p if p.is_absolute() else path.parent / p
-        if not p.is_file():
-            raise DataError(f"CSV {str(path)!r} line {i}: image {row['path']!r} not found (paths are relative "
-                            "to the CSV's folder); fix the path or remove the row.")
-        items.append(str(p))
-        labels.append(row["label"])
-    return items, labels
-
-
 def _stratified_split(labels: np.ndarray, classes: Sequence[str], fractions: tuple[float, float, float],
                       seed: int) -> dict[str, np.ndarray]:
     """Per class: at least one image in each of train, val and test, the rest by `fractions`.
@@ -269,52 +205,12 @@ def _stratified_split(labels: np.ndarray, classes: Sequence[str], fractions: tup
     return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
 
 
-def _check_classes(source: str, labels: Sequence[str]) -> tuple[str, ...]:
-    classes = tuple(sorted(set(labels)))
-    if len(labels) == 0:
-        raise DataError(f"No images found in {source!r}; expected class folders (DATA/<class>/*.png) or a CSV "
-                        f"of path,label. Supported files: {', '.join(IMAGE_SUFFIXES)}.")
-    if len(classes) < 2:
-        raise DataError(f"Found {len(classes)} class in {source!r}; need at least 2 "
-                        "(layout: DATA/<class>/<image>.png). Add a folder per class.")
-    return classes
-
-
 def _finish_fingerprint(h: hashlib._Hash, labels: np.ndarray, split: dict[str, np.ndarray]) -> str:
     """The digest of the pixels (already hashed, in source order), labels and split indices in source order."""
     h.update(labels.tobytes())
     for s in SPLITS:
         h.update(split[s].tobytes())
     return h.hexdigest()[:16]
-
-
-def _read_source(source: str) -> tuple[str, list, list[str], list[str] | None, int | None]:
-    """(name, items, class names, given split per item or None, default image size or None) of a source."""
-    if source in EMBEDDED:
-        loader, size, _ = EMBEDDED[source]
-        items, names = loader()
-        return source, items, names, None, size
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"Data {source!r} is neither a folder, a CSV file nor an embedded data set "
-                        f"({', '.join(EMBEDDED)}); check the path or run `autotransfer datasets`.")
-    name = data_name(source)
-    given_split = None
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DataError(f"Data file {source!r} is not a .csv; pass a folder of class folders or a CSV "
-                            "with columns path,label.")
-        items, names = _read_csv(path)
-    elif (path / "train").is_dir() and (path / "val").is_dir():
-        items, names, given_split = [], [], []
-        for s in SPLITS:
-            if (path / s).is_dir():
-                i, n = _scan_class_folders(path / s)
-                items, names, given_split = items + i, names + n, given_split + [s] * len(i)
-    else:
-        items, names = _scan_class_folders(path)
-    _check_classes(source, names)
-    return name, items, names, given_split, None
 
 
 def _split_indices(label_ids: np.ndarray, classes: tuple[str, ...], given: list[str] | None,
@@ -329,14 +225,6 @@ def _split_indices(label_ids: np.ndarray, classes: tuple[str, ...], given: list[
     else:
         idx = _stratified_split(label_ids, classes, fractions, seed)
     return {s: np.sort(idx[s]).astype(np.int64) for s in SPLITS}
-
-
-def data_name(source: str) -> str:
-    """The name the data of `source` gets (and its study by default), known before anything is decoded."""
-    if source in EMBEDDED:
-        return source
-    path = Path(source)
-    return path.stem if path.is_file() else path.name
 
 
 def _decode_all(items: Sequence, image_size: int, rows: _Rows) -> tuple[list[int], hashlib._Hash]:
@@ -365,7 +253,7 @@ def load_data(source: str = "digits", *, image_size: int | None = None, seed: in
     """
     if image_size is not None and not 16 <= image_size <= 1024:
         raise DataError(f"--image-size must be between 16 and 1024 pixels, got {image_size}.")
-    name, items, names, given_split, embedded_size = _read_source(source)
+    name, items, names, given_split, embedded_size = read_source(source)
     image_size = image_size or embedded_size or default_image_size(items)
     rows = _Rows(len(items), image_size, memory_limit=memory_limit, disk_limit=disk_limit, spill=spill)
     try:
@@ -375,7 +263,7 @@ def load_data(source: str = "digits", *, image_size: int | None = None, seed: in
             raise DataError(f"Class {lost[0]!r} in {source!r} has no readable image left (all failed to decode); "
                             "replace its corrupt files or remove the class.")
         names = [names[i] for i in keep]
-        classes = _check_classes(source, names)
+        classes = check_classes(source, names)
         class_id = {c: i for i, c in enumerate(classes)}  # a dict, not classes.index: linear in images x classes
         label_ids = np.fromiter((class_id[n] for n in names), dtype=np.int64, count=len(names))
         split = _split_indices(label_ids, classes, None if given_split is None else [given_split[i] for i in keep],
