@@ -37,10 +37,12 @@ from autotransfer.sources import (  # noqa: F401 - EMBEDDED, IMAGE_SUFFIXES, dat
     check_classes,
     data_name,
     read_source,
+    read_unlabeled,
 )
 
 logger = logging.getLogger(__name__)
 
+UNLABELED = "unlabeled"  # the split of images without labels (`--unlabeled`), after test
 DECODE_THREADS = 4  # at most; never more than the CPUs this process may use
 DECODE_CHUNK = 64  # images per thread and round: what is decoded ahead of the writer
 
@@ -53,7 +55,9 @@ class ImageData:
     images: torch.Tensor  # uint8 [N, 3, S, S], RGB, already resized and centre-cropped
     labels: torch.Tensor  # int64 [N]
     classes: tuple[str, ...]
-    split: dict[str, torch.Tensor] = field(repr=False)  # "train"/"val"/"test" -> row indices (contiguous)
+    # "train"/"val"/"test" (and "unlabeled", with label -1, when images without labels were given) -> row
+    # indices (contiguous)
+    split: dict[str, torch.Tensor] = field(repr=False)
     fingerprint: str  # digest of pixels, labels and split: part of every cache key
     source_index: torch.Tensor | None = field(default=None, repr=False)  # row -> item of the source's listing
     images_file: Path | None = field(default=None, repr=False)  # the .npy the images are mapped from, if any
@@ -61,6 +65,15 @@ class ImageData:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[-1])
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """The splits in row order: train, val, test, then unlabeled if there is one."""
+        return tuple(self.split)
+
+    @property
+    def unlabeled_count(self) -> int:
+        return len(self.split.get(UNLABELED, ()))
 
     def subset(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.split[split]
@@ -206,9 +219,11 @@ def _stratified_split(labels: np.ndarray, classes: Sequence[str], fractions: tup
 
 
 def _finish_fingerprint(h: hashlib._Hash, labels: np.ndarray, split: dict[str, np.ndarray]) -> str:
-    """The digest of the pixels (already hashed, in source order), labels and split indices in source order."""
+    """The digest of the pixels (already hashed, in source order), labels and split indices in source order.
+
+    Without unlabelled images it is what it was before they existed: their split only adds to it."""
     h.update(labels.tobytes())
-    for s in SPLITS:
+    for s in split:
         h.update(split[s].tobytes())
     return h.hexdigest()[:16]
 
@@ -241,40 +256,57 @@ def _decode_all(items: Sequence, image_size: int, rows: _Rows) -> tuple[list[int
     return keep, digest
 
 
+def _labelled(source: str, names: list[str], keep: list[int]) -> tuple[tuple[str, ...], np.ndarray]:
+    """(classes, label id per kept image) of the labelled items `keep`; a class left without images is an error."""
+    lost = sorted(set(names) - {names[i] for i in keep})
+    if lost:
+        raise DataError(f"Class {lost[0]!r} in {source!r} has no readable image left (all failed to decode); "
+                        "replace its corrupt files or remove the class.")
+    names = [names[i] for i in keep]
+    classes = check_classes(source, names)
+    class_id = {c: i for i, c in enumerate(classes)}  # a dict, not classes.index: linear in images x classes
+    return classes, np.fromiter((class_id[n] for n in names), dtype=np.int64, count=len(names))
+
+
 def load_data(source: str = "digits", *, image_size: int | None = None, seed: int = 0,
               fractions: tuple[float, float, float] = (0.70, 0.15, 0.15), memory_limit: int | None = None,
-              disk_limit: int | None = None, spill: Path | None = None) -> ImageData:
+              disk_limit: int | None = None, spill: Path | None = None, unlabeled: str | None = None) -> ImageData:
     """Load a data set by embedded name, folder or CSV, decode it and split it.
 
     A folder that already holds `train/`, `val/` (and optionally `test/`) keeps that split; otherwise a
     stratified split with `fractions` and `seed` is drawn. `memory_limit`: the decoded images may take half of
     it (the activation cache gets the rest); past that they are decoded into a memory-mapped file in `spill`
     (default: the temporary folder), refused past `disk_limit`. None keeps them in memory whatever their size.
+    `unlabeled`: a folder or CSV of images without labels (see `sources.read_unlabeled`), decoded with the
+    rest into the split "unlabeled", after test.
     """
     if image_size is not None and not 16 <= image_size <= 1024:
         raise DataError(f"--image-size must be between 16 and 1024 pixels, got {image_size}.")
     name, items, names, given_split, embedded_size = read_source(source)
+    extra = read_unlabeled(unlabeled, items) if unlabeled is not None else []
     image_size = image_size or embedded_size or default_image_size(items)
-    rows = _Rows(len(items), image_size, memory_limit=memory_limit, disk_limit=disk_limit, spill=spill)
+    rows = _Rows(len(items) + len(extra), image_size, memory_limit=memory_limit, disk_limit=disk_limit, spill=spill)
     try:
-        keep, digest = _decode_all(items, image_size, rows)
-        lost = sorted(set(names) - {names[i] for i in keep})
-        if lost:
-            raise DataError(f"Class {lost[0]!r} in {source!r} has no readable image left (all failed to decode); "
-                            "replace its corrupt files or remove the class.")
-        names = [names[i] for i in keep]
-        classes = check_classes(source, names)
-        class_id = {c: i for i, c in enumerate(classes)}  # a dict, not classes.index: linear in images x classes
-        label_ids = np.fromiter((class_id[n] for n in names), dtype=np.int64, count=len(names))
+        keep, digest = _decode_all(items + extra, image_size, rows)
+        keep_extra = [i for i in keep if i >= len(items)]
+        keep = keep[:len(keep) - len(keep_extra)]
+        if extra and not keep_extra:
+            raise DataError(f"None of the {len(extra)} images in --unlabeled {unlabeled!r} could be decoded; pass a "
+                            f"folder of readable images ({', '.join(IMAGE_SUFFIXES)}).")
+        classes, label_ids = _labelled(source, names, keep)
         split = _split_indices(label_ids, classes, None if given_split is None else [given_split[i] for i in keep],
                                fractions, seed)
-        order = np.concatenate([split[s] for s in SPLITS])  # row i of the result is decoded image order[i]
-        images, images_file = rows.finish(len(keep), order)
+        if extra:
+            split[UNLABELED] = np.arange(len(keep), len(keep) + len(keep_extra), dtype=np.int64)
+        order = np.concatenate(list(split.values()))  # row i of the result is decoded image order[i]
+        images, images_file = rows.finish(len(keep) + len(keep_extra), order)
     except BaseException:
         rows.discard()
         raise
-    bounds = np.cumsum([0] + [len(split[s]) for s in SPLITS])
-    return ImageData(name=name, images=images, labels=torch.from_numpy(label_ids[order]), classes=classes,
-                     split={s: torch.arange(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(SPLITS)},
+    labels = np.concatenate([label_ids, np.full(len(keep_extra), -1, dtype=np.int64)])
+    bounds = np.cumsum([0] + [len(v) for v in split.values()])
+    return ImageData(name=name, images=images, labels=torch.from_numpy(labels[order]), classes=classes,
+                     split={s: torch.arange(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(split)},
                      fingerprint=_finish_fingerprint(digest, label_ids, split),
-                     source_index=torch.from_numpy(np.asarray(keep, dtype=np.int64)[order]), images_file=images_file)
+                     source_index=torch.from_numpy(np.asarray(keep + keep_extra, dtype=np.int64)[order]),
+                     images_file=images_file)

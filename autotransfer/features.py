@@ -40,7 +40,7 @@ import torch
 
 from autotransfer.atomic import replacing_folder
 from autotransfer.backbones import Backbone
-from autotransfer.data import SPLITS, ImageData
+from autotransfer.data import ImageData
 from autotransfer.progress import progress
 from autotransfer.rowfiles import RowWriter, check_disk, open_rows, release
 
@@ -120,9 +120,10 @@ class ActivationCache:
         self.backbone, self.data, self.batch_size = backbone, data, batch_size
         self.key = cache_key(backbone, data)
         self.folder, self.memory_limit, self.disk_limit = folder, memory_limit, disk_limit
-        self.order = torch.cat([data.split[s] for s in SPLITS])  # stored row i is image order[i]
-        bounds = np.cumsum([0] + [len(data.split[s]) for s in SPLITS])
-        self.slices = {s: slice(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(SPLITS)}
+        names = data.split_names  # train, val, test (and unlabeled)
+        self.order = torch.cat([data.split[s] for s in names])  # stored row i is image order[i]
+        bounds = np.cumsum([0] + [len(data.split[s]) for s in names])
+        self.slices = {s: slice(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(names)}
         self.slices[TRAIN_AND_VAL] = slice(int(bounds[0]), int(bounds[2]))
         self.labels = data.labels[self.order]
         self.storage: str | None = None  # "float32" / "float16" in memory, or "disk"

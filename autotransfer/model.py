@@ -25,9 +25,13 @@ class TransferModel(nn.Module):
 
     def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Run from the input of group `start` (e.g. cached activations at that boundary) to the logits."""
+        return self.head(self.features_from(x, start))
+
+    def features_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Run from the input of group `start` to the pooled features the head reads."""
         for g in self.groups[start:]:
             x = g(x)
-        return self.head(self.pool(x))
+        return self.pool(x)
 
     def train(self, mode: bool = True) -> TransferModel:
         """Frozen groups stay in eval mode, so their BatchNorm running statistics never move."""

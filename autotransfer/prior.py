@@ -209,7 +209,7 @@ def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: i
     kept = [s.group for s in scores if s.probe_accuracy >= best.probe_accuracy - TAP_MARGIN]
     imbalanced = is_imbalanced(cache.data.labels[cache.data.split["train"]], num_classes)
     space = SearchSpace(num_groups=g, max_steps=steps, min_tap=min(kept), max_tap=max(kept), seed=seed,
-                        imbalanced=imbalanced)
+                        imbalanced=imbalanced, unlabeled=cache.data.unlabeled_count > 0)
 
     probe = dict(head="linear", weight_decay=DEFAULT_PROBE_L2, seed=seed)
     adapt = dict(head="linear", optimizer="sgd", lr=0.02, weight_decay=1e-4, bn="frozen", steps=steps, seed=seed)
@@ -232,6 +232,9 @@ def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: i
         Strategy(tap=best.group, freeze=best.group - depth, pool="avgmax", lr_ratio=0.3, **adapt),
         Strategy(tap=g, freeze=0, pool="avg", **hand),
     ]
+    if space.unlabeled:  # the recommended strategy, self-trained on the unlabelled images
+        candidates.insert(1, dataclasses.replace(recommended, adapt="pseudo_label", pseudo_fraction=0.5,
+                                                 pseudo_rounds=2))
     first = list(dict.fromkeys(candidates))  # de-duplicated, in order
     taps = kept + [s.tap for s in first]  # the space holds every enqueued strategy
     space = dataclasses.replace(space, min_tap=min(taps), max_tap=max(taps))

@@ -69,16 +69,16 @@ def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
     return items, labels
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[str]]:
+def _read_csv(path: Path, columns: tuple[str, ...] = ("path", "label")) -> tuple[list[str], list[str]]:
+    """(paths, labels) of a CSV with `columns` (a CSV of unlabelled images needs only `path`; labels are then "")."""
     # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise stick to "path"
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"path", "label"} <= {c.strip() for c in reader.fieldnames}:
-                raise DataError(
-                    f"CSV {str(path)!r} must have a header with columns 'path' and 'label', got "
-                    f"{reader.fieldnames}; write one row per image as `path,label`."
-                )
+            if not reader.fieldnames or not set(columns) <= {c.strip() for c in reader.fieldnames}:
+                wanted = f"column{'s' if len(columns) > 1 else ''} {' and '.join(map(repr, columns))}"
+                raise DataError(f"CSV {str(path)!r} must have a header with {wanted}, got {reader.fieldnames}; "
+                                f"write one row per image as `{','.join(columns)}`.")
             rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
     except UnicodeDecodeError as e:
         raise DataError(f"CSV {str(path)!r} is not UTF-8 text (byte {e.start} cannot be decoded); save it as "
@@ -91,7 +91,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[str]]:
             raise DataError(f"CSV {str(path)!r} line {i}: image {row['path']!r} not found (paths are relative "
                             "to the CSV's folder); fix the path or remove the row.")
         items.append(str(p))
-        labels.append(row["label"])
+        labels.append(row.get("label", ""))
     return items, labels
 
 
@@ -141,3 +141,32 @@ def data_name(source: str) -> str:
         return source
     path = Path(source)
     return path.stem if path.is_file() else path.name
+
+
+def read_unlabeled(source: str, labelled: Sequence) -> list[str]:
+    """Image paths of `--unlabeled`: a folder of images in any layout, or a CSV with a `path` column.
+
+    `labelled` is the labelled source's listing: an unlabelled set that holds any of its files is refused, since
+    its images would count as target images while the search trains and validates on them.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"--unlabeled {source!r} does not exist; pass a folder of images (any layout) or a CSV with "
+                        "a 'path' column.")
+    if path.is_file():
+        if path.suffix.lower() != ".csv":
+            raise DataError(f"--unlabeled {source!r} is not a .csv; pass a folder of images or a CSV with a 'path' "
+                            "column.")
+        items = _read_csv(path, columns=("path",))[0]
+    else:
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.parts))
+        items = [str(f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not items:
+        raise DataError(f"No images found in --unlabeled {source!r}; expected image files ({', '.join(IMAGE_SUFFIXES)})"
+                        " in any layout, or a CSV listing them in a 'path' column.")
+    known = {str(Path(p).resolve()) for p in labelled if isinstance(p, str)}
+    shared = [p for p in items if str(Path(p).resolve()) in known]
+    if shared:
+        raise DataError(f"--unlabeled {source!r} holds {len(shared)} of the labelled images (e.g. {shared[0]!r}); "
+                        "pass a folder of images that are not in DATA.")
+    return items

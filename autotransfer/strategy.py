@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adamw")
 BN_MODES = ("train", "frozen")
 CLASS_WEIGHTS = ("none", "balanced")  # "balanced": each class weighs n / (classes * count) in the loss
+ADAPTS = ("none", "pseudo_label")  # what unlabelled images are used for (searched only when some are given)
 # Head LR ranges per optimizer when the backbone trains (head-only trials are fitted by L-BFGS, no LR).
 LR_RANGES = {"sgd": (5e-3, 0.1), "adamw": (2e-4, 3e-3)}
 # L2 strength of a head fitted to convergence on frozen features (standardised inputs, mean loss + l2/2 ||W||^2).
@@ -51,6 +52,9 @@ class Strategy:
     augment: str = "none"  # fine-tuning only: "none", "shift", "crop" or "trivial" (see augment.py)
     flip: bool = False  # random horizontal flips on top of `augment` (wrong for digits and text)
     class_weight: str = "none"  # "none" or "balanced": rare classes weigh more in the loss (searched when imbalanced)
+    adapt: str = "none"  # "pseudo_label": self-training on the unlabelled images (see adapt.py)
+    pseudo_fraction: float = 0.0  # of each predicted class, the most confident fraction that gets pseudo-labels
+    pseudo_rounds: int = 0  # rounds of pseudo-labelling and refitting the head on frozen features
     steps: int = 0  # optimizer steps of a fine-tune (its cosine schedule); 0 for a head fitted to convergence
     seed: int = 0
 
@@ -72,6 +76,10 @@ class Strategy:
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, but got augment={self.augment!r}."),
             (self.class_weight in CLASS_WEIGHTS, f"class_weight must be one of {CLASS_WEIGHTS}, "
                                                  f"but got class_weight={self.class_weight!r}."),
+            (self.adapt in ADAPTS, f"adapt must be one of {ADAPTS}, but got adapt={self.adapt!r}."),
+            (self.adapt == "none" or (0 < self.pseudo_fraction <= 1 and self.pseudo_rounds >= 1),
+             f"pseudo-labelling needs pseudo_fraction in (0, 1] and pseudo_rounds >= 1, got {self.pseudo_fraction} "
+             f"and {self.pseudo_rounds}."),
             (self.steps >= 0, f"steps must be >= 0, but got steps={self.steps}."),
             (self.steps >= 1 or self.freeze == self.tap, f"a fine-tune needs steps >= 1, but got steps={self.steps}."),
         ]
@@ -108,7 +116,10 @@ class Strategy:
                     f"lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
                     f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}{augment}, {self.steps} steps)")
         weighted = ", class-balanced loss" if self.class_weight == "balanced" else ""
-        return f"{self.head} head on {where} ({self.pool} pool), {body}{weighted}"
+        rounds = f"{self.pseudo_rounds} round{'s' if self.pseudo_rounds > 1 else ''}"
+        adapted = (f", self-trained on the {self.pseudo_fraction:.0%} most confident unlabelled images per class "
+                   f"({rounds})") if self.adapt != "none" else ""
+        return f"{self.head} head on {where} ({self.pool} pool), {body}{weighted}{adapted}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +138,7 @@ class SearchSpace:
     max_trainable: int | None = None  # most groups a trial fine-tunes; None: any number
     seed: int = 0
     imbalanced: bool = False  # the train split's largest class is > 3x its smallest: `class_weight` is searched
+    unlabeled: bool = False  # images without labels were given: `adapt` is searched
 
     @property
     def tap_range(self) -> tuple[int, int]:
@@ -152,7 +164,7 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
         mlp_hidden=trial.suggest_categorical("mlp_hidden", (128, 256, 512)) if head == "mlp" else 0,
         label_smoothing=trial.suggest_float("label_smoothing", 0.0, 0.2) if head != "svm" else 0.0,
         class_weight=trial.suggest_categorical("class_weight", CLASS_WEIGHTS) if space.imbalanced else "none",
-        seed=space.seed)
+        seed=space.seed, **_suggest_adapt(trial, space))
     if freeze == tap:  # a head on frozen features, fitted to convergence: only its L2 strength matters
         params["weight_decay"] = trial.suggest_float("probe_l2", *PROBE_L2_RANGE, log=True)
         return Strategy(**params)
@@ -174,6 +186,14 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
     return Strategy(**params)
 
 
+def _suggest_adapt(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """`adapt` and its parameters, only where unlabelled images were given (else nothing is suggested)."""
+    if not space.unlabeled or trial.suggest_categorical("adapt", ADAPTS) == "none":
+        return {}
+    return dict(adapt="pseudo_label", pseudo_fraction=trial.suggest_float("pseudo_fraction", 0.1, 0.9),
+                pseudo_rounds=trial.suggest_int("pseudo_rounds", 1, 3))
+
+
 def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict[str, Any]:
     """The Optuna parameter dict that makes `suggest_strategy` return `strategy` (for enqueue_trial).
 
@@ -184,6 +204,10 @@ def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict
     p: dict[str, Any] = dict(tap=s.tap, trainable_groups=s.tap - s.freeze, head=s.head, pool=s.pool)
     if (space.imbalanced if space is not None else s.class_weight != "none"):
         p["class_weight"] = s.class_weight
+    if (space.unlabeled if space is not None else s.adapt != "none"):
+        p["adapt"] = s.adapt
+        if s.adapt != "none":
+            p.update(pseudo_fraction=s.pseudo_fraction, pseudo_rounds=s.pseudo_rounds)
     if s.head == "mlp":
         p["mlp_hidden"] = s.mlp_hidden
     if s.head != "svm":

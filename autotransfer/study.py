@@ -221,13 +221,16 @@ class _Objective:
         trial.set_user_attr("val_accuracy", result.val_accuracy)
         trial.set_user_attr("val_margin", result.val_margin.mean)
         trial.set_user_attr("val_margin_se", result.val_margin.se)
+        if result.reverse_accuracy is not None:  # the objective averages it with the validation score
+            trial.set_user_attr("val_score", result.val_score)
+            trial.set_user_attr("reverse_accuracy", result.reverse_accuracy)
         # other workers' trials count too: keep only the study's best weights
-        if ranks_above(result.val_score, result.val_margin, best_trial(self.study)):
+        if ranks_above(result.objective, result.val_margin, best_trial(self.study)):
             running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             save_checkpoint(self.config.out, trial.number, result, strategy, keep=[t.number for t in running])
             if self.store is not None:  # other machines and later commands load it instead of training again
                 upload_checkpoint(self.store, trial, checkpoint_path(self.config.out, trial.number))
-        return result.val_score
+        return result.objective
 
 
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,

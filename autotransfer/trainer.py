@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from autotransfer.adapt import reverse_accuracy, self_train
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
 from autotransfer.calibration import Margin, validation_margin
+from autotransfer.data import UNLABELED
 from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
 from autotransfer.features import ActivationCache, rows_per_batch
@@ -38,6 +40,7 @@ Report = Callable[[int, float], None]
 # (hard-label loss, student logits, the batch as it enters group `start`, start) -> the loss to minimise; a
 # fine-tune that learns from a teacher (distillation, see `distill.py`) passes one.
 SoftLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+Pseudo = tuple[torch.Tensor, torch.Tensor]  # (rows of the unlabelled split, their pseudo-labels)
 LBFGS_ITERATIONS = 300  # converged: digits probes move by less than one validation image past ~100
 
 
@@ -54,8 +57,16 @@ class TrialResult:
     seconds: float
     model: TransferModel = field(repr=False)
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation score) at each report
-    val_score: float | None = None  # the study's metric (`metric`) on the validation split: the objective
+    val_score: float | None = None  # the study's metric (`metric`) on the validation split
     metric: str = "accuracy"
+    reverse_accuracy: float | None = None  # with unlabelled images: reverse validation (see `adapt.py`)
+
+    @property
+    def objective(self) -> float:
+        """What the search maximises: `val_score`, averaged with the reverse validation when there is one."""
+        if self.reverse_accuracy is None:
+            return self.val_score
+        return 0.5 * (self.val_score + self.reverse_accuracy)
 
 
 def param_groups(model: TransferModel, strategy: Strategy) -> list[dict]:
@@ -245,20 +256,66 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     torch.manual_seed(s.seed)
     model = build_model(s, backbone, len(cache.data.classes)).to(device, memory_format=torch.channels_last)
     x_fit, y_fit = _pooled(model, cache, fit_split, use_cache, device)
-    with threads(1) if device.type == "cpu" else contextlib.nullcontext():  # tiny full-batch matrix products
-        fit_head(model.head, x_fit.to(device), y_fit.to(device), s,
-                 l2=None if not s.trains_backbone else DEFAULT_PROBE_L2,
-                 weight=class_weights(s, y_fit, len(cache.data.classes)))
+    pseudo = _fit_probe(model, s, cache, x_fit, y_fit, use_cache, device)
+    scored = fit_split == "train" and cache.data.unlabeled_count > 0  # a refit's "validation" is training data
     if not s.trains_backbone:
         x_val, y_val = _pooled(model, cache, "val", use_cache, device)
         with torch.no_grad():
             val, val_score, margin = evaluate(model.head, x_val, y_val, cache, device, metric)
             train = accuracy(model.head, x_fit, y_fit, cache, device)
+            x_unlabeled = _pooled(model, cache, UNLABELED, use_cache, device)[0] if scored else None
+            reverse = _reverse(model.head, x_unlabeled, x_val, y_val, cache, device) if scored else None
         model = model.eval().to("cpu", memory_format=torch.contiguous_format)
         return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
-                           seconds=time.perf_counter() - start_time, model=model, val_score=val_score, metric=metric)
-    return _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
-                      description, soft_loss)
+                           seconds=time.perf_counter() - start_time, model=model, val_score=val_score, metric=metric,
+                           reverse_accuracy=reverse)
+    result = _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
+                        description, soft_loss, pseudo)
+    if scored:
+        result.reverse_accuracy = _reverse_of_fine_tune(result.model, s, cache, use_cache, device)
+    return result
+
+
+def _fit_probe(model: TransferModel, s: Strategy, cache: ActivationCache, x_fit: torch.Tensor, y_fit: torch.Tensor,
+               use_cache: bool, device: torch.device) -> Pseudo | None:
+    """Fit the head on the pooled features by L-BFGS (self-trained when `s.adapt` says so); the pseudo-labels
+    of the last round, or None."""
+    num_classes = len(cache.data.classes)
+
+    def fit(x: torch.Tensor, y: torch.Tensor) -> None:
+        fit_head(model.head, x.to(device), y.to(device), s, l2=None if not s.trains_backbone else DEFAULT_PROBE_L2,
+                 weight=class_weights(s, y, num_classes))
+
+    with threads(1) if device.type == "cpu" else contextlib.nullcontext():  # tiny full-batch matrix products
+        if s.adapt != "pseudo_label":
+            fit(x_fit, y_fit)
+            return None
+        x_unlabeled = _pooled(model, cache, UNLABELED, use_cache, device)[0]
+        return self_train(fit, model.head, x_fit.to(device), y_fit.to(device), x_unlabeled.to(device),
+                          fraction=s.pseudo_fraction, rounds=s.pseudo_rounds)
+
+
+_REVERSE_HEAD = Strategy(tap=1, freeze=1, head="linear", weight_decay=DEFAULT_PROBE_L2)
+
+
+def _reverse(head: nn.Module, x_unlabeled: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+             cache: ActivationCache, device: torch.device) -> float:
+    """Reverse validation (see `adapt.py`) of `head` on pooled features of the unlabelled and validation images."""
+    logits = logits_of(head, x_unlabeled, cache, device)
+    with threads(1) if device.type == "cpu" else contextlib.nullcontext():
+        return reverse_accuracy(x_unlabeled, logits, x_val, y_val,
+                                lambda h, x, y: fit_head(h, x, y, _REVERSE_HEAD), len(cache.data.classes))
+
+
+def _reverse_of_fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, use_cache: bool,
+                          device: torch.device | str) -> float:
+    """Reverse validation of a fine-tuned model, on its own pooled features (on the CPU, where it is returned)."""
+    start = cache.start_boundary(s.freeze) if use_cache else 0
+    features = lambda x: model.features_from(x, start)
+    x_unlabeled = logits_of(features, cache.split(start, UNLABELED)[0], cache, "cpu")
+    x_val, y_val = cache.split(start, "val")
+    return _reverse(model.head, x_unlabeled, logits_of(features, x_val, cache, "cpu"), y_val, cache,
+                    torch.device("cpu"))
 
 
 def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callable[[], None]):
@@ -275,15 +332,43 @@ def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callab
         position += BATCH_SIZE
 
 
+class _Rows:
+    """Rows `rows` of a stored array, indexed like a tensor of them (one batch is copied at a time, never all)."""
+
+    def __init__(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        self.x, self.rows = x, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.x[self.rows[idx]]
+
+
+def _training_rows(cache: ActivationCache, start: int, fit_split: str,
+                   pseudo: Pseudo | None) -> tuple[torch.Tensor | _Rows, torch.Tensor]:
+    """(rows, labels) a fine-tune draws its batches from: the split `fit_split` at boundary `start`, and the
+    pseudo-labelled unlabelled rows after it."""
+    x, y = cache.split(start, fit_split)
+    if pseudo is None:
+        return x, y
+    fit, unlabeled = cache.slices[fit_split], cache.slices[UNLABELED]
+    rows = torch.cat([torch.arange(fit.start, fit.stop), unlabeled.start + pseudo[0].cpu()])
+    return _Rows(cache.boundary(start), rows), torch.cat([y, pseudo[1].cpu()])
+
+
 def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
                report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float,
-               metric: str, description: str, soft_loss: SoftLoss | None = None) -> TrialResult:
-    """`s.steps` optimizer steps from the fitted head; reports validation `metric` at `report_at` and at the end."""
+               metric: str, description: str, soft_loss: SoftLoss | None = None,
+               pseudo: Pseudo | None = None) -> TrialResult:
+    """`s.steps` optimizer steps from the fitted head; reports validation `metric` at `report_at` and at the end.
+
+    `pseudo`: unlabelled rows and their pseudo-labels, trained on with the labelled ones."""
     augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
     # From the freeze boundary or the nearest stored one below; augmented views are new: from the images.
     evaluate_from = cache.start_boundary(s.freeze) if use_cache else 0
     start = evaluate_from if augment is None else 0
-    x_train, y_train = cache.split(start, fit_split)
+    x_train, y_train = _training_rows(cache, start, fit_split, pseudo)
     x_fit_eval, _ = cache.split(evaluate_from, fit_split)
     x_val, y_val = cache.split(evaluate_from, "val")
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}

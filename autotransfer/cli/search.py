@@ -36,6 +36,10 @@ class Search(Command):
         parser.add_argument("data", nargs="?", default="digits", help="folder, CSV or embedded name (default: digits)")
         parser.add_argument("--backbone", default="efficientnet_lite0", help="see `autotransfer backbones`")
         parser.add_argument("--weights", default=None, help="state dict for the backbone (default: bundled/cache)")
+        parser.add_argument("--unlabeled", default=None, metavar="DIR|CSV",
+                            help="images without labels from the setting the model will serve (a folder in any "
+                                 "layout, or a CSV with a path column): the search also tries self-training on them "
+                                 "and scores every trial by reverse validation on them too (default: none)")
         parser.add_argument("--budget", type=int_at_least("--budget", 50), default=50,
                             help="finished trials in the study (default: 50)")
         parser.add_argument("--study-name", default=None, help="default: the data set's name")
@@ -69,7 +73,7 @@ class Search(Command):
                              metric=args.metric, artifacts=args.artifacts)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
-                      weights=args.weights, group_names=backbone.group_names)
+                      weights=args.weights, group_names=backbone.group_names, unlabeled=args.unlabeled)
         try:
             with sigterm_as_interrupt():
                 return run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source,
@@ -172,9 +176,11 @@ def _print_setting(study, config, backbone, cache) -> None:
 
     data = cache.data
     metric, why = study_metric(study, config, cache)  # before any output: a conflicting --metric fails in one line
-    print(f"autotransfer {__version__}: {data.name} ({len(data.labels)} images, {len(data.classes)} classes, "
+    labelled = len(data.labels) - data.unlabeled_count
+    print(f"autotransfer {__version__}: {data.name} ({labelled} images, {len(data.classes)} classes, "
           f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
-          f"{len(data.split['test'])}), backbone {backbone.name} ({backbone.num_groups} groups)")
+          f"{len(data.split['test'])}{f', unlabelled {data.unlabeled_count}' if data.unlabeled_count else ''}), "
+          f"backbone {backbone.name} ({backbone.num_groups} groups)")
     print(f"study {config.study_name!r} in {config.storage}; objective: validation {metric} ({why})")
     space = search_space(study, config, cache)
     ladder = StepLadder(space.max_steps)

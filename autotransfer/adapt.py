@@ -1,0 +1,64 @@
+"""Learning from unlabelled images (`--unlabeled`): self-training on confident pseudo-labels, and reverse
+validation, the score that lets the search see what unlabelled images buy.
+
+Self-training: fit on the labelled images, label the unlabelled ones with the model's own predictions, keep the
+most confident `pseudo_fraction` of each predicted class (a per-class quota, so one dominant class cannot take
+every pseudo-label), fit again on both, `pseudo_rounds` times. On frozen features each fit is an L-BFGS fit of
+the head on cached vectors (seconds); a fine-tune trains on the labelled images plus those its self-trained
+linear probe labelled.
+
+Reverse validation (Zhong et al., 2010): a linear head is fitted on the unlabelled images' features with the
+trial's predictions as labels, then scored on the labelled validation split. A model whose predictions on the
+unlabelled images are right, in features that mean the same on both sides, scores high; one whose predictions
+there are noise scores near chance, however well it does on the labelled validation split. Validation accuracy
+alone cannot see that, since the labelled validation images come from the labelled setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from autotransfer.heads import build_head
+
+Fit = Callable[[torch.Tensor, torch.Tensor], None]  # (features, labels) -> fits the head in place
+Predict = Callable[[torch.Tensor], torch.Tensor]  # features -> logits
+
+
+def confident_rows(logits: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, pseudo-labels): per predicted class, its `fraction` most confident rows (at least one)."""
+    probabilities = logits.float().softmax(1)
+    confidence, predicted = probabilities.max(1)
+    chosen = []
+    for c in predicted.unique():
+        rows = (predicted == c).nonzero(as_tuple=True)[0]
+        keep = max(1, round(fraction * len(rows)))
+        chosen.append(rows[confidence[rows].argsort(descending=True)[:keep]])
+    idx = torch.cat(chosen).sort().values if chosen else torch.empty(0, dtype=torch.long)
+    return idx, predicted[idx]
+
+
+def self_train(fit: Fit, predict: Predict, x: torch.Tensor, y: torch.Tensor, x_unlabeled: torch.Tensor, *,
+               fraction: float, rounds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit on (x, y), then `rounds` times: pseudo-label `x_unlabeled` and fit on both. Returns the last round's
+    (row indices into `x_unlabeled`, pseudo-labels)."""
+    fit(x, y)
+    idx, labels = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    for _ in range(rounds):
+        with torch.no_grad():
+            idx, labels = confident_rows(predict(x_unlabeled), fraction)
+        fit(torch.cat([x, x_unlabeled[idx]]), torch.cat([y, labels.to(y.device)]))
+    return idx, labels
+
+
+def reverse_accuracy(x_unlabeled: torch.Tensor, unlabeled_logits: torch.Tensor, x_val: torch.Tensor,
+                     y_val: torch.Tensor, fit_linear: Callable[[torch.nn.Sequential, torch.Tensor, torch.Tensor], None],
+                     num_classes: int) -> float:
+    """Accuracy on (x_val, y_val) of a linear head fitted on `x_unlabeled` labelled by `unlabeled_logits`."""
+    if len(x_unlabeled) == 0 or len(x_val) == 0:
+        return 0.0
+    head = build_head("linear", x_unlabeled.shape[1], num_classes)
+    fit_linear(head, x_unlabeled.float(), unlabeled_logits.argmax(1))
+    with torch.no_grad():
+        return float((head(x_val.float()).argmax(1) == y_val).float().mean())
