@@ -24,14 +24,15 @@ from torch import nn
 from autotransfer.adapt import reverse_accuracy, self_train
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
-from autotransfer.calibration import Margin, validation_margin
+from autotransfer.calibration import Margin
 from autotransfer.data import UNLABELED
 from autotransfer.device import autocast, threads
 from autotransfer.errors import AutotransferError
+from autotransfer.evaluation import accuracy, evaluate, logits_of, to_input
 from autotransfer.features import ActivationCache, rows_per_batch
 from autotransfer.fidelity import BATCH_SIZE
 from autotransfer.heads import head_loss
-from autotransfer.metrics import balanced_class_weights, score
+from autotransfer.metrics import balanced_class_weights
 from autotransfer.model import TransferModel, build_model
 from autotransfer.progress import progress
 from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
@@ -111,41 +112,6 @@ def _optimizer(groups: list[dict], strategy: Strategy) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=strategy.lr)
 
 
-@torch.no_grad()
-def logits_of(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, cache: ActivationCache,
-              device: torch.device | str = "cpu", batch_size: int = 256) -> torch.Tensor:
-    """float32 logits [len(x), classes] on the CPU of `forward` on stored rows `x` of `cache` (any boundary).
-
-    Large rows (images at 224 px and more) go in smaller batches, so memory does not follow the image size."""
-    device = torch.device(device)
-    batch_size = rows_per_batch(x.shape[1:], most=batch_size)
-    out = []
-    for i in range(0, len(x), batch_size):
-        with autocast(device):
-            out.append(forward(_to_input(x[i:i + batch_size], device, cache)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 0)
-
-
-def accuracy(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-             cache: ActivationCache, device: torch.device | str = "cpu", batch_size: int = 256) -> float:
-    """Top-1 accuracy of `forward` on stored rows `x` of `cache` (any boundary, any stored dtype)."""
-    return evaluate(forward, x, y, cache, device, batch_size=batch_size)[0]
-
-
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-             cache: ActivationCache, device: torch.device | str = "cpu", metric: str = "accuracy", *,
-             batch_size: int = 256) -> tuple[float, float, Margin]:
-    """(accuracy, `metric`, margin) of `forward` on stored rows `x` with labels `y`, from one pass of logits.
-
-    The margin orders trials of equal `metric` (see `calibration.py`).
-    """
-    if len(x) == 0:
-        return 0.0, 0.0, Margin(0.0, 0.0)
-    logits = logits_of(forward, x, cache, device, batch_size)
-    predicted, classes = logits.argmax(1), len(cache.data.classes)
-    return score("accuracy", predicted, y, classes), score(metric, predicted, y, classes), validation_margin(logits, y)
-
-
 def class_weights(strategy: Strategy, y: torch.Tensor, num_classes: int) -> torch.Tensor | None:
     """Per-class loss weights of `strategy.class_weight` on the labels it trains on (None: unweighted)."""
     return balanced_class_weights(y.cpu(), num_classes) if strategy.class_weight == "balanced" else None
@@ -211,15 +177,6 @@ def _set_train_mode(model: TransferModel, strategy: Strategy, *, new_epoch: bool
                     m.momentum = None  # cumulative average over the epoch
 
 
-def _to_input(x: torch.Tensor, device: torch.device, cache: ActivationCache) -> torch.Tensor:
-    """Stored rows (uint8 images, float16/32 activations, maybe memory-mapped) -> float32 input on `device`.
-
-    The stored dtype crosses to the device (half or a quarter of the bytes), conversion happens there.
-    """
-    x = cache.as_input(x.to(device, non_blocking=True))
-    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-
-
 def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache: bool,
             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features at the tap for one split: cached, or (the naive baseline) computed from the images."""
@@ -230,7 +187,7 @@ def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache:
     model.eval()
     step = rows_per_batch(x.shape[1:])
     with torch.no_grad():
-        feats = [model.pool(nn.Sequential(*model.groups)(_to_input(x[i:i + step], device, cache))).float().cpu()
+        feats = [model.pool(nn.Sequential(*model.groups)(to_input(x[i:i + step], device, cache))).float().cpu()
                  for i in range(0, len(x), step)]
     return torch.cat(feats), y
 
@@ -394,7 +351,7 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
             if augment is not None:
                 batch = augment_batch(batch, augment)
             with autocast(device):
-                inputs = _to_input(batch, device, cache)
+                inputs = to_input(batch, device, cache)
                 logits = model.forward_from(inputs, start).float()
                 loss = criterion(logits, y_train[idx.to(device)])
                 loss = loss if soft_loss is None else soft_loss(loss, logits, inputs, start)

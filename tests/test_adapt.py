@@ -1,0 +1,193 @@
+"""Unlabelled images (`--unlabeled`): loading, the searched `adapt` choice, self-training and reverse validation."""
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from PIL import Image
+
+from autotransfer.adapt import confident_rows, reverse_accuracy, self_train
+from autotransfer.data import UNLABELED, load_data
+from autotransfer.errors import DataError
+from autotransfer.features import ActivationCache
+from autotransfer.strategy import DEFAULT_PROBE_L2, SearchSpace, Strategy, enqueue_params, suggest_strategy
+from autotransfer.trainer import fit_head, train_trial
+
+
+def _write_digits(folder, digits, rows, *, labelled: bool):
+    for i in rows:
+        path = folder / (str(int(digits.labels[i])) if labelled else f"sub{i % 3}") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[i].permute(1, 2, 0).numpy()).save(path)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, digits16):
+    """Labelled digits as class folders (even rows) and other digits, inverted, in nested folders (odd rows)."""
+    root = tmp_path_factory.mktemp("adapt")
+    _write_digits(root / "labelled", digits16, range(0, 600, 2), labelled=True)
+    inverted = type(digits16)(**{**digits16.__dict__, "images": 255 - digits16.images})
+    _write_digits(root / "unlabelled", inverted, range(1, 600, 4), labelled=False)
+    return root
+
+
+def test_unlabelled_images_join_as_their_own_split_and_leave_the_labelled_data_as_it_was(folders):
+    plain = load_data(str(folders / "labelled"), image_size=16)
+    both = load_data(str(folders / "labelled"), image_size=16, unlabeled=str(folders / "unlabelled"))
+    assert both.split_names == ("train", "val", "test", UNLABELED) and plain.split_names == ("train", "val", "test")
+    assert both.unlabeled_count == 150 and plain.unlabeled_count == 0
+    for s in plain.split_names:
+        assert torch.equal(plain.images[plain.split[s]], both.images[both.split[s]])
+        assert torch.equal(plain.labels[plain.split[s]], both.labels[both.split[s]])
+    assert (both.labels[both.split[UNLABELED]] == -1).all()
+    assert both.fingerprint != plain.fingerprint, "the cache must not mix the two"
+    csv = folders / "unlabelled.csv"
+    csv.write_text("path\n" + "\n".join(str(p) for p in sorted((folders / "unlabelled").rglob("*.png"))) + "\n")
+    listed = load_data(str(folders / "labelled"), image_size=16, unlabeled=str(csv))
+    assert listed.unlabeled_count == 150 and listed.fingerprint == both.fingerprint
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda root: root.joinpath("empty").mkdir() or root / "empty", "No images found in --unlabeled"),
+    (lambda root: root / "labelled", "holds 300 of the labelled images"),
+    (lambda root: root / "labelled" / "3", r"holds \d+ of the labelled images"),
+    (lambda root: root / "missing", "does not exist"),
+], ids=["empty", "the-labelled-data", "inside-the-labelled-data", "missing"])
+def test_bad_unlabelled_folders_are_refused(folders, tmp_path, make, match):
+    (tmp_path / "labelled").symlink_to(folders / "labelled")
+    with pytest.raises(DataError, match=match):
+        load_data(str(folders / "labelled"), image_size=16, unlabeled=str(make(tmp_path)))
+
+
+def test_unreadable_unlabelled_images_are_refused(folders, tmp_path):
+    for name in ("a.png", "b/c.jpg"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"not an image")
+    with pytest.raises(DataError, match="None of the 2 images in --unlabeled"):
+        load_data(str(folders / "labelled"), image_size=16, unlabeled=str(tmp_path))
+
+
+def _draw(space, n=200):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((suggest_strategy(trial, space), trial.params))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_adapt_is_searched_only_with_unlabelled_images():
+    plain = _draw(SearchSpace(num_groups=9, max_steps=120))
+    assert all(not any(k in p for k in ("adapt", "pseudo_fraction", "pseudo_rounds")) for _, p in plain)
+    assert all(s.adapt == "none" for s, _ in plain)
+    space = SearchSpace(num_groups=9, max_steps=120, unlabeled=True)
+    drawn = _draw(space)
+    for frozen in (True, False):
+        assert {s.adapt for s, _ in drawn if s.trains_backbone != frozen} == {"none", "pseudo_label"}
+    for s, p in drawn:
+        assert ("pseudo_fraction" in p) == (s.adapt == "pseudo_label")
+        assert suggest_strategy(optuna.trial.FixedTrial(enqueue_params(s, space)), space) == s
+
+
+def test_confident_rows_take_a_quota_of_every_predicted_class():
+    logits = torch.tensor([[9.0, 0, 0], [5, 0, 0], [1, 0, 0], [0.2, 0, 0], [0, 3, 0], [0, 0.1, 0]])
+    idx, labels = confident_rows(logits, 0.5)
+    assert idx.tolist() == [0, 1, 4] and labels.tolist() == [0, 0, 1], "half of class 0, and one of class 1"
+
+
+def _blobs(n, shift, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, 2, generator=g) * 0.5
+    x[:, 0] += torch.where(y == 1, 2.0, -2.0)
+    return x + shift, y
+
+
+def _fitter(head, strategy):
+    return lambda x, y: fit_head(head, x, y, strategy)
+
+
+def test_self_training_follows_a_shifted_target_that_the_source_fit_misses():
+    from autotransfer.heads import build_head
+
+    x, y = _blobs(200, torch.tensor([0.0, 0.0]), 0)
+    x_target, y_target = _blobs(400, torch.tensor([1.9, 0.0]), 1)  # the decision boundary moves with the target
+    strategy = Strategy(tap=1, freeze=1, weight_decay=1e-3)
+    source_only = build_head("linear", 2, 2)
+    fit_head(source_only, x, y, strategy)
+    before = float((source_only(x_target).argmax(1) == y_target).float().mean())
+    head = build_head("linear", 2, 2)
+    idx, labels = self_train(_fitter(head, strategy), head, x, y, x_target, fraction=0.5, rounds=3)
+    after = float((head(x_target).argmax(1) == y_target).float().mean())
+    assert after > before + 0.05, (before, after)
+    assert len(idx) == 200 and (labels == y_target[idx]).float().mean() > 0.9
+
+
+def test_reverse_validation_scores_right_target_predictions_high_and_noise_at_chance():
+    x_val, y_val = _blobs(200, torch.tensor([0.0, 0.0]), 2)
+    x_target, y_target = _blobs(400, torch.tensor([0.3, 0.3]), 3)
+    fit = lambda head, x, y: fit_head(head, x, y, Strategy(tap=1, freeze=1, weight_decay=DEFAULT_PROBE_L2))
+    right = torch.nn.functional.one_hot(y_target, 2).float()
+    noise = torch.nn.functional.one_hot(y_target[torch.randperm(400, generator=torch.Generator().manual_seed(0))], 2)
+    assert reverse_accuracy(x_target, right, x_val, y_val, fit, 2) > 0.95
+    assert abs(reverse_accuracy(x_target, noise.float(), x_val, y_val, fit, 2) - 0.5) < 0.2
+
+
+@pytest.fixture(scope="module")
+def shifted_cache(tiny_module, folders):
+    data = load_data(str(folders / "labelled"), image_size=16, unlabeled=str(folders / "unlabelled"))
+    return ActivationCache(tiny_module, data)
+
+
+@pytest.fixture(scope="module")
+def tiny_module():
+    from tests.conftest import tiny_backbone
+
+    return tiny_backbone()
+
+
+@pytest.mark.parametrize("strategy", [
+    Strategy(tap=3, freeze=3, adapt="pseudo_label", pseudo_fraction=0.5, pseudo_rounds=2),
+    Strategy(tap=3, freeze=1, steps=12, lr=0.01, adapt="pseudo_label", pseudo_fraction=0.5, pseudo_rounds=1),
+], ids=["head", "fine-tune"])
+def test_trials_with_unlabelled_images_are_scored_by_validation_and_reverse_validation(tiny_module, shifted_cache,
+                                                                                      strategy):
+    plain = train_trial(Strategy(**{**strategy.to_dict(), "adapt": "none", "pseudo_fraction": 0.0,
+                                    "pseudo_rounds": 0}), tiny_module, shifted_cache)
+    adapted = train_trial(strategy, tiny_module, shifted_cache)
+    for r in (plain, adapted):
+        assert 0.0 < r.reverse_accuracy <= 1.0
+        assert r.objective == pytest.approx((r.val_score + r.reverse_accuracy) / 2)
+    assert not np.isclose(plain.val_accuracy, adapted.val_accuracy) or \
+        not np.isclose(plain.reverse_accuracy, adapted.reverse_accuracy), "self-training changed nothing"
+    refit = train_trial(strategy, tiny_module, shifted_cache, fit_split="train+val")
+    assert refit.reverse_accuracy is None, "a refit's validation split is training data: nothing to score"
+
+
+def test_without_unlabelled_images_the_objective_is_the_validation_score(tiny, tiny_cache):
+    r = train_trial(Strategy(tap=3, freeze=3), tiny, tiny_cache)
+    assert r.reverse_accuracy is None and r.objective == r.val_score
+
+
+def test_search_with_unlabelled_images_records_reverse_validation_and_exports_again_elsewhere(folders, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from autotransfer.cli import main
+
+    out = tmp_path / "run"
+    assert main(["search", str(folders / "labelled"), "--backbone", "tiny_test_cnn", "--image-size", "16",
+                 "--unlabeled", str(folders / "unlabelled"), "--budget", "6", "--max-steps", "20", "--refit", "1",
+                 "--out", str(out)]) == 0
+    board = pd.read_csv(out / "leaderboard.csv")
+    complete = board[board.state == "complete"]
+    assert complete.reverse_accuracy.notna().all() and (complete.adapt == "pseudo_label").any(), \
+        "the prior's self-trained strategy is among the first trials"
+    best = complete.iloc[0]
+    assert best.val_score == pytest.approx((best.val_accuracy + best.reverse_accuracy) / 2)
+    metrics = json.loads((out / "best" / "metrics.json").read_text())
+    # another command rebuilds the inputs (unlabelled images included: the data fingerprint must match)
+    assert main(["export", "--out", str(out), "--dest", str(tmp_path / "again"), "--refit", "0"]) == 0
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["trial"] == metrics["trial"]
