@@ -86,6 +86,8 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     trained_on = TRAIN_AND_VAL if refits else "train"
     scores = {"metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,  # the objective
               "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value)}  # older trials: value is accuracy
+    if "reverse_accuracy" in trial.user_attrs:  # with --unlabeled the objective also averages it in
+        scores["reverse_accuracy"] = trial.user_attrs["reverse_accuracy"]
     metadata = {"class_names": list(data.classes), "input_size": [3, data.image_size, data.image_size],
                 "mean": list(backbone.mean), "std": list(backbone.std), "input_range": "0-1 RGB",
                 "backbone": backbone.name, "weights": backbone.weights_id, "strategy": strategy.to_dict(),

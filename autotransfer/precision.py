@@ -116,11 +116,26 @@ def _make_int8(fp32_path: Path, dest: Path, calibration_images: np.ndarray,
 def _quantize(pre: Path, dest: Path, images: np.ndarray, input_name: str, excluded: list[str]) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    # reduce_range=False: with VNNI (and AMX) u8*s8 sums do not saturate (onnxruntime's CPU guidance)
     quantize_static(str(pre), str(dest), _Calibration(images, input_name), quant_format=QuantFormat.QDQ,
-                    per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8,
+                    per_channel=True, reduce_range=not has_vnni(), activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     nodes_to_exclude=excluded)
+
+
+def has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has VNNI (or AMX) int8 dot products, read from Linux's /proc/cpuinfo (else False).
+
+    Without them onnxruntime's u8*s8 kernels can saturate their 16-bit sums, so weights are quantised to 7 bits
+    (`reduce_range`), as its CPU guidance says. Measured on the tiny test CNN's int8 variant on an AVX2-only CPU:
+    top-1 agreement with fp32 0.937 with 8-bit weights, at least 0.95 with 7-bit ones; with VNNI, 8-bit weights
+    agreed better (quick Lite0 model: 95.9 % against 92.9 %). The agreement is checked on the machine that
+    exports; an int8 file made with VNNI and run on a CPU without it may lose predictions.
+    """
+    try:
+        flags = cpuinfo.read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def _top1(path: Path, images: np.ndarray) -> np.ndarray:

@@ -162,3 +162,13 @@ def test_int8_keeps_convs_in_float_until_it_agrees_with_fp32_on_the_check_images
     reference = cpu_session(fp32).run(["logits"], {"input": prep[1]})[0].argmax(1)
     got = cpu_session(dest).run(["logits"], {"input": prep[1]})[0].argmax(1)
     assert float((got == reference).mean()) == kept["check_agreement"], "the file is the one measured"
+
+
+def test_weights_get_7_bits_unless_the_cpu_has_vnni(tmp_path):
+    from autotransfer.precision import has_vnni
+
+    flags = "flags\t\t: fpu sse2 avx2 fma"
+    (tmp_path / "avx2").write_text(f"processor\t: 0\n{flags}\n")
+    (tmp_path / "vnni").write_text(f"processor\t: 0\n{flags} avx512f avx512_vnni\n")
+    assert not has_vnni(tmp_path / "avx2") and has_vnni(tmp_path / "vnni")
+    assert not has_vnni(tmp_path / "missing"), "no /proc/cpuinfo (macOS, Windows): the safe 7-bit weights"
