@@ -84,10 +84,7 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
     model, retrained, refits, fallback, distillation = _shipped_model(study, trial, strategy, backbone, cache,
                                                                       study_out, refits, device, store, distill)
     trained_on = TRAIN_AND_VAL if refits else "train"
-    scores = {"metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,  # the objective
-              "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value)}  # older trials: value is accuracy
-    if "reverse_accuracy" in trial.user_attrs:  # with --unlabeled the objective also averages it in
-        scores["reverse_accuracy"] = trial.user_attrs["reverse_accuracy"]
+    scores = _scores(study, trial)
     metadata = {"class_names": list(data.classes), "input_size": [3, data.image_size, data.image_size],
                 "mean": list(backbone.mean), "std": list(backbone.std), "input_range": "0-1 RGB",
                 "backbone": backbone.name, "weights": backbone.weights_id, "strategy": strategy.to_dict(),
@@ -110,6 +107,13 @@ def export_trial(study: optuna.Study, number: int, backbone: Backbone, cache: Ac
         if store is not None:
             upload_export(store, study, number, refits_asked, precisions, tmp, distill=distill)
     return ExportResult(dest, metrics, retrained)
+
+
+def _scores(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The trial's search figures for metrics.json: its objective, validation accuracy (and reverse accuracy)."""
+    return {"metric": study.user_attrs.get("metric", "accuracy"), "val_score": trial.value,  # the objective
+            "val_accuracy": trial.user_attrs.get("val_accuracy", trial.value),  # older trials: value is accuracy
+            **{k: v for k, v in trial.user_attrs.items() if k == "reverse_accuracy"}}  # with --unlabeled
 
 
 def _shipped_model(study: optuna.Study, trial: optuna.trial.FrozenTrial, strategy: Strategy, backbone: Backbone,

@@ -315,12 +315,10 @@ def _training_rows(cache: ActivationCache, start: int, fit_split: str,
 
 
 def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
-               report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float,
-               metric: str, description: str, soft_loss: SoftLoss | None = None,
-               pseudo: Pseudo | None = None) -> TrialResult:
-    """`s.steps` optimizer steps from the fitted head; reports validation `metric` at `report_at` and at the end.
-
-    `pseudo`: unlabelled rows and their pseudo-labels, trained on with the labelled ones."""
+               report: Report | None, report_at: Sequence[int], use_cache: bool, start_time: float, metric: str,
+               description: str, soft_loss: SoftLoss | None = None, pseudo: Pseudo | None = None) -> TrialResult:
+    """`s.steps` optimizer steps from the fitted head (on `pseudo`-labelled rows too); reports validation `metric`
+    at `report_at` and at the end."""
     augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
     # From the freeze boundary or the nearest stored one below; augmented views are new: from the images.
     evaluate_from = cache.start_boundary(s.freeze) if use_cache else 0
@@ -337,7 +335,6 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
     checkpoints = set(report_at) if report is not None else set()
 
     forward_eval = lambda x: model.forward_from(x, evaluate_from)
-
     def validate() -> float:
         model.eval()
         value = evaluate(forward_eval, x_val, y_val, cache, device, metric)[1]

@@ -1,7 +1,6 @@
 """Unlabelled images (`--unlabeled`): loading, the searched `adapt` choice, self-training and reverse validation."""
 
 import numpy as np
-import optuna
 import pytest
 import torch
 from PIL import Image
@@ -10,7 +9,7 @@ from autotransfer.adapt import confident_rows, reverse_accuracy, self_train
 from autotransfer.data import UNLABELED, load_data
 from autotransfer.errors import DataError
 from autotransfer.features import ActivationCache
-from autotransfer.strategy import DEFAULT_PROBE_L2, SearchSpace, Strategy, enqueue_params, suggest_strategy
+from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
 from autotransfer.trainer import fit_head, train_trial
 
 
@@ -65,29 +64,6 @@ def test_unreadable_unlabelled_images_are_refused(folders, tmp_path):
         (tmp_path / name).write_bytes(b"not an image")
     with pytest.raises(DataError, match="None of the 2 images in --unlabeled"):
         load_data(str(folders / "labelled"), image_size=16, unlabeled=str(tmp_path))
-
-
-def _draw(space, n=200):
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-    out = []
-    for _ in range(n):
-        trial = study.ask()
-        out.append((suggest_strategy(trial, space), trial.params))
-        study.tell(trial, 0.0)
-    return out
-
-
-def test_adapt_is_searched_only_with_unlabelled_images():
-    plain = _draw(SearchSpace(num_groups=9, max_steps=120))
-    assert all(not any(k in p for k in ("adapt", "pseudo_fraction", "pseudo_rounds")) for _, p in plain)
-    assert all(s.adapt == "none" for s, _ in plain)
-    space = SearchSpace(num_groups=9, max_steps=120, unlabeled=True)
-    drawn = _draw(space)
-    for frozen in (True, False):
-        assert {s.adapt for s, _ in drawn if s.trains_backbone != frozen} == {"none", "pseudo_label"}
-    for s, p in drawn:
-        assert ("pseudo_fraction" in p) == (s.adapt == "pseudo_label")
-        assert suggest_strategy(optuna.trial.FixedTrial(enqueue_params(s, space)), space) == s
 
 
 def test_confident_rows_take_a_quota_of_every_predicted_class():

@@ -118,3 +118,16 @@ def test_enqueue_params_reproduce_class_weights_on_an_imbalanced_space(strategy)
     assert params["class_weight"] == strategy.class_weight
     assert suggest_strategy(optuna.trial.FixedTrial(params), space) == strategy
     assert "class_weight" not in enqueue_params(Strategy(tap=3, freeze=3), SearchSpace(num_groups=9))
+
+
+def test_adapt_is_searched_only_with_unlabelled_images():
+    plain = _sample(200, space=SearchSpace(num_groups=9, max_steps=120))
+    assert all(not any(k in p for k in ("adapt", "pseudo_fraction", "pseudo_rounds")) for _, p in plain)
+    assert all(s.adapt == "none" for s, _ in plain)
+    space = SearchSpace(num_groups=9, max_steps=120, unlabeled=True)
+    drawn = _sample(200, space=space)
+    for frozen in (True, False):
+        assert {s.adapt for s, _ in drawn if s.trains_backbone != frozen} == {"none", "pseudo_label"}
+    for s, p in drawn:
+        assert ("pseudo_fraction" in p) == (s.adapt == "pseudo_label")
+        assert suggest_strategy(optuna.trial.FixedTrial(enqueue_params(s, space)), space) == s
