@@ -159,7 +159,8 @@ def read_unlabeled(source: str, labelled: Sequence) -> list[str]:
                             "column.")
         items = _read_csv(path, columns=("path",))[0]
     else:
-        files = sorted(f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.parts))
+        files = sorted(f for f in path.rglob("*")
+                       if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
         items = [str(f) for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
         raise DataError(f"No images found in --unlabeled {source!r}; expected image files ({', '.join(IMAGE_SUFFIXES)})"

@@ -167,3 +167,13 @@ def test_search_with_unlabelled_images_records_reverse_validation_and_exports_ag
     # another command rebuilds the inputs (unlabelled images included: the data fingerprint must match)
     assert main(["export", "--out", str(out), "--dest", str(tmp_path / "again"), "--refit", "0"]) == 0
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["trial"] == metrics["trial"]
+
+
+def test_an_unlabelled_folder_under_a_hidden_folder_loads_and_its_own_hidden_files_are_skipped(folders, tmp_path):
+    import shutil
+
+    inside = tmp_path / ".cache" / "unlabelled"
+    shutil.copytree(folders / "unlabelled", inside)
+    shutil.copytree(inside / "sub0", inside / ".thumbnails")
+    data = load_data(str(folders / "labelled"), image_size=16, unlabeled=str(inside))
+    assert data.unlabeled_count == 150, "the .thumbnails copies are not read; the hidden parent does not matter"
