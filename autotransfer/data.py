@@ -36,6 +36,7 @@ from autotransfer.sources import (  # noqa: F401 - EMBEDDED, IMAGE_SUFFIXES, dat
     _digits,
     check_classes,
     data_name,
+    join_split_folders,
     read_source,
     read_unlabeled,
 )
@@ -61,6 +62,7 @@ class ImageData:
     fingerprint: str  # digest of pixels, labels and split: part of every cache key
     source_index: torch.Tensor | None = field(default=None, repr=False)  # row -> item of the source's listing
     images_file: Path | None = field(default=None, repr=False)  # the .npy the images are mapped from, if any
+    target_val: bool = False  # the validation split is `--val`: labelled images of the setting the model serves
 
     @property
     def image_size(self) -> int:
@@ -233,10 +235,11 @@ def _split_indices(label_ids: np.ndarray, classes: tuple[str, ...], given: list[
     """The given train/val(/test) folders, a test split carved from train when there is none, or a fresh split."""
     if given is not None:
         idx = {s: np.flatnonzero(np.array(given) == s) for s in SPLITS}
-        if len(idx["test"]) == 0:  # no test folder: carve one out of train
-            inner = _stratified_split(label_ids[idx["train"]], classes, (0.85, 0.0, 0.15), seed)
-            idx["test"], idx["train"] = idx["train"][inner["test"]], idx["train"][np.concatenate(
-                [inner["train"], inner["val"]])]
+        for missing in ("val", "test"):
+            if len(idx[missing]) == 0:  # no such folder (nor --val/--test): carve one out of train
+                inner = _stratified_split(label_ids[idx["train"]], classes, (0.85, 0.0, 0.15), seed)
+                idx[missing], idx["train"] = idx["train"][inner["test"]], idx["train"][np.concatenate(
+                    [inner["train"], inner["val"]])]
     else:
         idx = _stratified_split(label_ids, classes, fractions, seed)
     return {s: np.sort(idx[s]).astype(np.int64) for s in SPLITS}
@@ -270,7 +273,8 @@ def _labelled(source: str, names: list[str], keep: list[int]) -> tuple[tuple[str
 
 def load_data(source: str = "digits", *, image_size: int | None = None, seed: int = 0,
               fractions: tuple[float, float, float] = (0.70, 0.15, 0.15), memory_limit: int | None = None,
-              disk_limit: int | None = None, spill: Path | None = None, unlabeled: str | None = None) -> ImageData:
+              disk_limit: int | None = None, spill: Path | None = None, unlabeled: str | None = None,
+              val: str | None = None, test: str | None = None) -> ImageData:
     """Load a data set by embedded name, folder or CSV, decode it and split it.
 
     A folder that already holds `train/`, `val/` (and optionally `test/`) keeps that split; otherwise a
@@ -279,10 +283,13 @@ def load_data(source: str = "digits", *, image_size: int | None = None, seed: in
     (default: the temporary folder), refused past `disk_limit`. None keeps them in memory whatever their size.
     `unlabeled`: a folder or CSV of images without labels (see `sources.read_unlabeled`), decoded with the
     rest into the split "unlabeled", after test.
+    `val`, `test`: class folders of labelled images from the setting the model serves, used as those splits
+    (see `sources.join_split_folders`); with `val` the search validates on them alone.
     """
     if image_size is not None and not 16 <= image_size <= 1024:
         raise DataError(f"--image-size must be between 16 and 1024 pixels, got {image_size}.")
     name, items, names, given_split, embedded_size = read_source(source)
+    items, names, given_split = join_split_folders(source, items, names, given_split, val=val, test=test)
     extra = read_unlabeled(unlabeled, items) if unlabeled is not None else []
     image_size = image_size or embedded_size or default_image_size(items)
     rows = _Rows(len(items) + len(extra), image_size, memory_limit=memory_limit, disk_limit=disk_limit, spill=spill)
@@ -309,4 +316,4 @@ def load_data(source: str = "digits", *, image_size: int | None = None, seed: in
                      split={s: torch.arange(int(bounds[i]), int(bounds[i + 1])) for i, s in enumerate(split)},
                      fingerprint=_finish_fingerprint(digest, label_ids, split),
                      source_index=torch.from_numpy(np.asarray(keep + keep_extra, dtype=np.int64)[order]),
-                     images_file=images_file)
+                     images_file=images_file, target_val=val is not None)

@@ -7,6 +7,7 @@ their values (`features.rows_per_batch`), so memory does not follow the image si
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from autotransfer.calibration import Margin, validation_margin
 from autotransfer.device import autocast
 from autotransfer.features import ActivationCache, rows_per_batch
 from autotransfer.metrics import score
+
+if TYPE_CHECKING:
+    from autotransfer.model import TransferModel
 
 
 @torch.no_grad()
@@ -58,3 +62,13 @@ def to_input(x: torch.Tensor, device: torch.device, cache: ActivationCache) -> t
     """
     x = cache.as_input(x.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
+
+def pooled_features(model: TransferModel, cache: ActivationCache, split: str, use_cache: bool,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features at `model`'s tap for one split: cached, or (the naive baseline) computed from the images."""
+    if use_cache:
+        return cache.pooled(len(model.groups), model.pool.kind, split)
+    x, y = cache.split(0, split)
+    model.eval()
+    return logits_of(lambda batch: model.features_from(batch, 0), x, cache, device), y

@@ -124,6 +124,39 @@ def read_source(source: str) -> tuple[str, list, list[str], list[str] | None, in
     return name, items, names, given_split, None
 
 
+def join_split_folders(source: str, items: list, names: list[str], given_split: list[str] | None, *,
+                       val: str | None = None, test: str | None = None) -> tuple[list, list[str], list[str] | None]:
+    """DATA's listing with the class folders of `--val` and `--test` joined as those splits (DATA's own images are
+    then training images, and a split neither DATA nor a flag gives is carved out of them, see `data.py`)."""
+    flags = {s: p for s, p in (("val", val), ("test", test)) if p is not None}
+    if not flags:
+        return items, names, given_split
+    for s, p in flags.items():
+        if given_split is not None and s in given_split:
+            raise DataError(f"Data {source!r} has its own {s}/ folder and --{s} {p!r} was given too; pass one of "
+                            "them.")
+    items, names = list(items), list(names)
+    given_split = list(given_split) if given_split is not None else ["train"] * len(items)
+    known, listed = set(names), {str(Path(i).resolve()) for i in items if isinstance(i, str)}
+    for s, p in flags.items():
+        if not Path(p).is_dir():
+            raise DataError(f"--{s} {p!r} is not a folder; pass a folder of class folders (--{s} DIR, with "
+                            f"DIR/<class>/<image>.png named as DATA's classes).")
+        found, labels = _scan_class_folders(Path(p))
+        if not found:
+            raise DataError(f"No images found in --{s} {p!r}; expected class folders (DIR/<class>/*.png). "
+                            f"Supported files: {', '.join(IMAGE_SUFFIXES)}.")
+        unknown = sorted(set(labels) - known)
+        if unknown:
+            shown = ", ".join(sorted(known)[:5]) + (", ..." if len(known) > 5 else "")
+            raise DataError(f"--{s} {p!r} has class {unknown[0]!r}, which DATA {source!r} does not have; name its "
+                            f"class folders as DATA's ({shown}).")
+        if any(str(Path(f).resolve()) in listed for f in found):
+            raise DataError(f"--{s} {p!r} holds images that DATA {source!r} holds too; pass a folder of other images.")
+        items, names, given_split = items + found, names + labels, given_split + [s] * len(found)
+    return items, names, given_split
+
+
 def check_classes(source: str, labels: Sequence[str]) -> tuple[str, ...]:
     classes = tuple(sorted(set(labels)))
     if len(labels) == 0:

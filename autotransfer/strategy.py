@@ -22,7 +22,10 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adamw")
 BN_MODES = ("train", "frozen")
 CLASS_WEIGHTS = ("none", "balanced")  # "balanced": each class weighs n / (classes * count) in the loss
-ADAPTS = ("none", "pseudo_label")  # what unlabelled images are used for (searched only when some are given)
+# What unlabelled images are used for (searched only when some are given; see adapt.py): nothing, their BatchNorm
+# statistics (AdaBN), or self-training on their confident pseudo-labels. A fine-tune may add DANN to either.
+ADAPTS = ("none", "adabn", "pseudo_label")
+DANN_SCHEDULES = ("ramp", "constant")  # gradient-reversal weight over the fine-tune: Ganin's 0 -> 1 ramp, or fixed
 # Head LR ranges per optimizer when the backbone trains (head-only trials are fitted by L-BFGS, no LR).
 LR_RANGES = {"sgd": (5e-3, 0.1), "adamw": (2e-4, 3e-3)}
 # L2 strength of a head fitted to convergence on frozen features (standardised inputs, mean loss + l2/2 ||W||^2).
@@ -52,9 +55,12 @@ class Strategy:
     augment: str = "none"  # fine-tuning only: "none", "shift", "crop" or "trivial" (see augment.py)
     flip: bool = False  # random horizontal flips on top of `augment` (wrong for digits and text)
     class_weight: str = "none"  # "none" or "balanced": rare classes weigh more in the loss (searched when imbalanced)
-    adapt: str = "none"  # "pseudo_label": self-training on the unlabelled images (see adapt.py)
+    adapt: str = "none"  # "adabn": BatchNorm statistics of the unlabelled images; "pseudo_label": self-training
     pseudo_fraction: float = 0.0  # of each predicted class, the most confident fraction that gets pseudo-labels
     pseudo_rounds: int = 0  # rounds of pseudo-labelling and refitting the head on frozen features
+    dann_weight: float = 0.0  # fine-tuning only: domain-adversarial loss weight behind gradient reversal (0 = off)
+    dann_hidden: int = 0  # hidden width of the domain classifier (DANN only)
+    dann_schedule: str = "ramp"  # how the reversal weight moves over the steps, one of DANN_SCHEDULES
     steps: int = 0  # optimizer steps of a fine-tune (its cosine schedule); 0 for a head fitted to convergence
     seed: int = 0
 
@@ -77,9 +83,15 @@ class Strategy:
             (self.class_weight in CLASS_WEIGHTS, f"class_weight must be one of {CLASS_WEIGHTS}, "
                                                  f"but got class_weight={self.class_weight!r}."),
             (self.adapt in ADAPTS, f"adapt must be one of {ADAPTS}, but got adapt={self.adapt!r}."),
-            (self.adapt == "none" or (0 < self.pseudo_fraction <= 1 and self.pseudo_rounds >= 1),
+            (self.adapt != "pseudo_label" or (0 < self.pseudo_fraction <= 1 and self.pseudo_rounds >= 1),
              f"pseudo-labelling needs pseudo_fraction in (0, 1] and pseudo_rounds >= 1, got {self.pseudo_fraction} "
              f"and {self.pseudo_rounds}."),
+            (self.dann_weight >= 0, f"dann_weight must be >= 0, but got dann_weight={self.dann_weight}."),
+            (self.dann_weight == 0 or (self.trains_backbone and self.dann_hidden >= 1),
+             f"DANN needs a fine-tune (freeze < tap) and dann_hidden >= 1, got freeze={self.freeze}, tap={self.tap}, "
+             f"dann_hidden={self.dann_hidden}."),
+            (self.dann_schedule in DANN_SCHEDULES, f"dann_schedule must be one of {DANN_SCHEDULES}, "
+                                                   f"but got {self.dann_schedule!r}."),
             (self.steps >= 0, f"steps must be >= 0, but got steps={self.steps}."),
             (self.steps >= 1 or self.freeze == self.tap, f"a fine-tune needs steps >= 1, but got steps={self.steps}."),
         ]
@@ -116,10 +128,17 @@ class Strategy:
                     f"lr {self.lr:.2g}, lowest group x{self.lr_ratio:.2g}"
                     f"{f', L2-SP {self.l2sp_alpha:.2g}' if self.l2sp_alpha else ''}{augment}, {self.steps} steps)")
         weighted = ", class-balanced loss" if self.class_weight == "balanced" else ""
+        return f"{self.head} head on {where} ({self.pool} pool), {body}{weighted}{self._describe_adapt()}"
+
+    def _describe_adapt(self) -> str:
         rounds = f"{self.pseudo_rounds} round{'s' if self.pseudo_rounds > 1 else ''}"
-        adapted = (f", self-trained on the {self.pseudo_fraction:.0%} most confident unlabelled images per class "
-                   f"({rounds})") if self.adapt != "none" else ""
-        return f"{self.head} head on {where} ({self.pool} pool), {body}{weighted}{adapted}"
+        adapted = {"none": "", "adabn": ", BatchNorm statistics of the unlabelled images (AdaBN)",
+                   "pseudo_label": f", self-trained on the {self.pseudo_fraction:.0%} most confident unlabelled "
+                                   f"images per class ({rounds})"}[self.adapt]
+        if self.dann_weight > 0:
+            adapted += (f", domain-adversarial (DANN weight {self.dann_weight:.2g} {self.dann_schedule}, "
+                        f"classifier width {self.dann_hidden})")
+        return adapted
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -181,17 +200,27 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
         dropout=trial.suggest_float("dropout", 0.0, 0.5),
         augment=augment,
         flip=trial.suggest_categorical("flip", (False, True)) if augment != "none" else False,
-        steps=space.max_steps,
+        steps=space.max_steps, **_suggest_dann(trial, space),
     )
     return Strategy(**params)
 
 
 def _suggest_adapt(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     """`adapt` and its parameters, only where unlabelled images were given (else nothing is suggested)."""
-    if not space.unlabeled or trial.suggest_categorical("adapt", ADAPTS) == "none":
-        return {}
-    return dict(adapt="pseudo_label", pseudo_fraction=trial.suggest_float("pseudo_fraction", 0.1, 0.9),
+    adapt = trial.suggest_categorical("adapt", ADAPTS) if space.unlabeled else "none"
+    if adapt != "pseudo_label":
+        return dict(adapt=adapt)
+    return dict(adapt=adapt, pseudo_fraction=trial.suggest_float("pseudo_fraction", 0.1, 0.9),
                 pseudo_rounds=trial.suggest_int("pseudo_rounds", 1, 3))
+
+
+def _suggest_dann(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """A fine-tune's domain-adversarial loss, only where unlabelled images were given (else nothing is suggested)."""
+    if not space.unlabeled or not trial.suggest_categorical("dann", (False, True)):
+        return {}
+    return dict(dann_weight=trial.suggest_float("dann_weight", 0.01, 1.0, log=True),
+                dann_hidden=trial.suggest_categorical("dann_hidden", (64, 256, 1024)),
+                dann_schedule=trial.suggest_categorical("dann_schedule", DANN_SCHEDULES))
 
 
 def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict[str, Any]:
@@ -206,7 +235,7 @@ def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict
         p["class_weight"] = s.class_weight
     if (space.unlabeled if space is not None else s.adapt != "none"):
         p["adapt"] = s.adapt
-        if s.adapt != "none":
+        if s.adapt == "pseudo_label":
             p.update(pseudo_fraction=s.pseudo_fraction, pseudo_rounds=s.pseudo_rounds)
     if s.head == "mlp":
         p["mlp_hidden"] = s.mlp_hidden
@@ -222,4 +251,8 @@ def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict
         p["l2sp_alpha"] = s.l2sp_alpha
     if s.augment != "none":
         p["flip"] = s.flip
+    if (space.unlabeled if space is not None else s.dann_weight > 0):
+        p["dann"] = s.dann_weight > 0
+        if s.dann_weight > 0:
+            p.update(dann_weight=s.dann_weight, dann_hidden=s.dann_hidden, dann_schedule=s.dann_schedule)
     return p

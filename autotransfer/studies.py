@@ -103,7 +103,8 @@ def list_studies(storage: str | None = None, *, root: Path = STUDIES_ROOT) -> pd
 
 
 def record_source(study: optuna.Study, *, data: str, image_size: int, seed: int, backbone: str,
-                  weights: str | None, group_names: tuple[str, ...], unlabeled: str | None = None) -> None:
+                  weights: str | None, group_names: tuple[str, ...], unlabeled: str | None = None,
+                  val: str | None = None, test: str | None = None) -> None:
     """Store how to rebuild the study's inputs (absolute paths, so it works from any folder)."""
     from autotransfer.data import EMBEDDED
 
@@ -112,8 +113,9 @@ def record_source(study: optuna.Study, *, data: str, image_size: int, seed: int,
 
     source = {"data": absolute(data), "image_size": image_size, "seed": seed, "backbone": backbone,
               "weights": absolute(weights), "group_names": list(group_names)}
-    if unlabeled is not None:  # only then: the source of a study without it is what it always was
-        source["unlabeled"] = absolute(unlabeled)
+    for key, path in (("unlabeled", unlabeled), ("val", val), ("test", test)):
+        if path is not None:  # only then: the source of a study without them is what it always was
+            source[key] = absolute(path)
     if study.user_attrs.get(SOURCE) != source:
         study.set_user_attr(SOURCE, source)
 
@@ -145,7 +147,8 @@ def load_inputs(study: optuna.Study, *, data: str | None = None, backbone: str |
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         images = load_data(data, image_size=image_size or source.get("image_size"), seed=seed,
-                           memory_limit=memory_limit, spill=spill, unlabeled=source.get("unlabeled"))
+                           memory_limit=memory_limit, spill=spill, unlabeled=source.get("unlabeled"),
+                           val=source.get("val"), test=source.get("test"))
     net = get_backbone(backbone or source.get("backbone") or study.user_attrs["backbone"],
                        weights or source.get("weights"))
     made_with = {"data": study.user_attrs.get("data"), "weights": study.user_attrs.get("weights")}

@@ -13,7 +13,6 @@ whether that stops the trial (by raising).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,32 +20,27 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from autotransfer.adapt import reverse_accuracy, self_train
+from autotransfer.adapt import adabn
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
 from autotransfer.calibration import Margin
+from autotransfer.dann import DomainClassifier, reversal_weight
 from autotransfer.data import UNLABELED
-from autotransfer.device import autocast, threads
-from autotransfer.errors import AutotransferError
-from autotransfer.evaluation import accuracy, evaluate, logits_of, to_input
-from autotransfer.features import ActivationCache, rows_per_batch
+from autotransfer.device import autocast
+from autotransfer.evaluation import accuracy, evaluate, pooled_features, to_input
+from autotransfer.features import ActivationCache
 from autotransfer.fidelity import BATCH_SIZE
 from autotransfer.heads import head_loss
-from autotransfer.metrics import balanced_class_weights
 from autotransfer.model import TransferModel, build_model
+from autotransfer.probe import TrainingDiverged, class_weights
 from autotransfer.progress import progress
-from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
+from autotransfer.strategy import Strategy
+from autotransfer.unlabeled import Pseudo, finish_fine_tune, fit_probe, reverse, training_rows
 
 Report = Callable[[int, float], None]
 # (hard-label loss, student logits, the batch as it enters group `start`, start) -> the loss to minimise; a
 # fine-tune that learns from a teacher (distillation, see `distill.py`) passes one.
 SoftLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-Pseudo = tuple[torch.Tensor, torch.Tensor]  # (rows of the unlabelled split, their pseudo-labels)
-LBFGS_ITERATIONS = 300  # converged: digits probes move by less than one validation image past ~100
-
-
-class TrainingDiverged(AutotransferError):
-    """The loss became NaN or infinite; the trial is dropped, the study goes on."""
 
 
 @dataclass
@@ -112,51 +106,10 @@ def _optimizer(groups: list[dict], strategy: Strategy) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=strategy.lr)
 
 
-def class_weights(strategy: Strategy, y: torch.Tensor, num_classes: int) -> torch.Tensor | None:
-    """Per-class loss weights of `strategy.class_weight` on the labels it trains on (None: unweighted)."""
-    return balanced_class_weights(y.cpu(), num_classes) if strategy.class_weight == "balanced" else None
-
-
 def _criterion(s: Strategy, y: torch.Tensor, num_classes: int, device: torch.device) -> nn.Module:
     """The head's loss, class-weighted on the labels `y` it trains on when the strategy says so."""
     weight = class_weights(s, y, num_classes)
     return head_loss(s.head, label_smoothing=s.label_smoothing, weight=None if weight is None else weight.to(device))
-
-
-def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: Strategy, *,
-             l2: float | None = None, weight: torch.Tensor | None = None) -> None:
-    """Fit a head to convergence on pooled features `x` by full-batch L-BFGS (in place).
-
-    The head's BatchNorm standardises with the statistics of `x` (its affine part stays the identity), the
-    final linear layer starts at zero, and the loss is convex for linear and SVM heads: the fit does not
-    depend on the seed. `l2` (default: the strategy's `weight_decay`) penalises l2/2 * ||W||^2; `weight`
-    weighs each class in the loss.
-    """
-    l2 = strategy.weight_decay if l2 is None else l2
-    norm, layers = head[0], head[1:]
-    with torch.no_grad():
-        norm.running_mean.copy_(x.mean(0))
-        norm.running_var.copy_(x.var(0, unbiased=False))
-        layers[-1].weight.zero_()
-        layers[-1].bias.zero_()
-    head.eval()  # BatchNorm on the statistics just set, dropout off: a deterministic objective
-    params = [p for p in layers.parameters() if p.requires_grad]
-    weights = [p for p in params if p.ndim > 1]
-    criterion = head_loss(strategy.head, label_smoothing=strategy.label_smoothing,
-                          weight=None if weight is None else weight.to(x.device))
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=LBFGS_ITERATIONS, history_size=20,
-                                  tolerance_grad=1e-6, tolerance_change=1e-9, line_search_fn="strong_wolfe")
-    features = norm(x).detach()
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(layers(features), y) + 0.5 * l2 * sum(w.pow(2).sum() for w in weights)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} in the head's L-BFGS fit")
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
 
 
 def _set_train_mode(model: TransferModel, strategy: Strategy, *, new_epoch: bool = True) -> None:
@@ -177,21 +130,6 @@ def _set_train_mode(model: TransferModel, strategy: Strategy, *, new_epoch: bool
                     m.momentum = None  # cumulative average over the epoch
 
 
-def _pooled(model: TransferModel, cache: ActivationCache, split: str, use_cache: bool,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features at the tap for one split: cached, or (the naive baseline) computed from the images."""
-    tap = len(model.groups)
-    if use_cache:
-        return cache.pooled(tap, model.pool.kind, split)
-    x, y = cache.split(0, split)
-    model.eval()
-    step = rows_per_batch(x.shape[1:])
-    with torch.no_grad():
-        feats = [model.pool(nn.Sequential(*model.groups)(to_input(x[i:i + step], device, cache))).float().cpu()
-                 for i in range(0, len(x), step)]
-    return torch.cat(feats), y
-
-
 def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, report: Report | None = None,
                 report_at: Sequence[int] = (), device: torch.device | str = "cpu", use_cache: bool = True,
                 fit_split: str = "train", metric: str = "accuracy", description: str = "fine-tune",
@@ -206,73 +144,37 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     `fit_split="train+val"` trains on both splits (the final refit, see `refit.py`); the validation accuracy
     it returns then scores training data and is no estimate of anything.
     `soft_loss` replaces a fine-tune's loss on each batch (a teacher's soft targets, see `distill.py`).
+    With unlabelled images in the cache, the strategy's `adapt` and DANN use them (see `unlabeled.py`), and a
+    trial on the train split is also scored by reverse validation.
     """
     start_time = time.perf_counter()
     s = strategy
     device = torch.device(device)
     torch.manual_seed(s.seed)
     model = build_model(s, backbone, len(cache.data.classes)).to(device, memory_format=torch.channels_last)
-    x_fit, y_fit = _pooled(model, cache, fit_split, use_cache, device)
-    pseudo = _fit_probe(model, s, cache, x_fit, y_fit, use_cache, device)
-    scored = fit_split == "train" and cache.data.unlabeled_count > 0  # a refit's "validation" is training data
-    if not s.trains_backbone:
-        x_val, y_val = _pooled(model, cache, "val", use_cache, device)
-        with torch.no_grad():
-            val, val_score, margin = evaluate(model.head, x_val, y_val, cache, device, metric)
-            train = accuracy(model.head, x_fit, y_fit, cache, device)
-            x_unlabeled = _pooled(model, cache, UNLABELED, use_cache, device)[0] if scored else None
-            reverse = _reverse(model.head, x_unlabeled, x_val, y_val, cache, device) if scored else None
-        model = model.eval().to("cpu", memory_format=torch.contiguous_format)
-        return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
-                           seconds=time.perf_counter() - start_time, model=model, val_score=val_score, metric=metric,
-                           reverse_accuracy=reverse)
-    result = _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
-                        description, soft_loss, pseudo)
-    if scored:
-        result.reverse_accuracy = _reverse_of_fine_tune(result.model, s, cache, use_cache, device)
-    return result
-
-
-def _fit_probe(model: TransferModel, s: Strategy, cache: ActivationCache, x_fit: torch.Tensor, y_fit: torch.Tensor,
-               use_cache: bool, device: torch.device) -> Pseudo | None:
-    """Fit the head on the pooled features by L-BFGS (self-trained when `s.adapt` says so); the pseudo-labels
-    of the last round, or None."""
-    num_classes = len(cache.data.classes)
-
-    def fit(x: torch.Tensor, y: torch.Tensor) -> None:
-        fit_head(model.head, x.to(device), y.to(device), s, l2=None if not s.trains_backbone else DEFAULT_PROBE_L2,
-                 weight=class_weights(s, y, num_classes))
-
-    with threads(1) if device.type == "cpu" else contextlib.nullcontext():  # tiny full-batch matrix products
-        if s.adapt != "pseudo_label":
-            fit(x_fit, y_fit)
-            return None
-        x_unlabeled = _pooled(model, cache, UNLABELED, use_cache, device)[0]
-        return self_train(fit, model.head, x_fit.to(device), y_fit.to(device), x_unlabeled.to(device),
-                          fraction=s.pseudo_fraction, rounds=s.pseudo_rounds)
-
-
-_REVERSE_HEAD = Strategy(tap=1, freeze=1, head="linear", weight_decay=DEFAULT_PROBE_L2)
-
-
-def _reverse(head: nn.Module, x_unlabeled: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-             cache: ActivationCache, device: torch.device) -> float:
-    """Reverse validation (see `adapt.py`) of `head` on pooled features of the unlabelled and validation images."""
-    logits = logits_of(head, x_unlabeled, cache, device)
-    with threads(1) if device.type == "cpu" else contextlib.nullcontext():
-        return reverse_accuracy(x_unlabeled, logits, x_val, y_val,
-                                lambda h, x, y: fit_head(h, x, y, _REVERSE_HEAD), len(cache.data.classes))
-
-
-def _reverse_of_fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, use_cache: bool,
-                          device: torch.device | str) -> float:
-    """Reverse validation of a fine-tuned model, on its own pooled features (on the CPU, where it is returned)."""
-    start = cache.start_boundary(s.freeze) if use_cache else 0
-    features = lambda x: model.features_from(x, start)
-    x_unlabeled = logits_of(features, cache.split(start, UNLABELED)[0], cache, "cpu")
-    x_val, y_val = cache.split(start, "val")
-    return _reverse(model.head, x_unlabeled, logits_of(features, x_val, cache, "cpu"), y_val, cache,
-                    torch.device("cpu"))
+    x_fit, y_fit = pooled_features(model, cache, fit_split, use_cache, device)
+    pseudo = fit_probe(model, s, cache, x_fit, y_fit, use_cache, device)
+    # Reverse validation where validation cannot see the unlabelled images' setting: not on a refit (its
+    # "validation" is training data), nor when the validation images are `--val`, from that setting.
+    scored = fit_split == "train" and cache.data.unlabeled_count > 0 and not cache.data.target_val
+    if s.trains_backbone:
+        result = _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
+                            description, soft_loss, pseudo)
+        result.reverse_accuracy = finish_fine_tune(result.model, s, cache, use_cache, device, scored)
+        return result
+    x_val, y_val = pooled_features(model, cache, "val", use_cache, device)
+    with torch.no_grad():
+        val, val_score, margin = evaluate(model.head, x_val, y_val, cache, device, metric)
+        train = accuracy(model.head, x_fit, y_fit, cache, device)
+    adapted = s.adapt == "adabn" and cache.data.unlabeled_count > 0
+    x_unlabeled = pooled_features(model, cache, UNLABELED, use_cache, device)[0] if scored or adapted else None
+    if adapted:
+        adabn(model.head[0], x_unlabeled.to(device))
+    rev = reverse(model.head, x_unlabeled, x_val, y_val, cache, device) if scored else None
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
+                       seconds=time.perf_counter() - start_time, model=model, val_score=val_score, metric=metric,
+                       reverse_accuracy=rev)
 
 
 def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callable[[], None]):
@@ -289,29 +191,56 @@ def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callab
         position += BATCH_SIZE
 
 
-class _Rows:
-    """Rows `rows` of a stored array, indexed like a tensor of them (one batch is copied at a time, never all)."""
+@dataclass
+class _BatchLoss:
+    """The loss of one fine-tuning batch: the head's loss (or `soft_loss` on it), the L2-SP penalty, and with
+    DANN the domain classifier's loss on as many unlabelled rows as the batch has labelled ones."""
 
-    def __init__(self, x: torch.Tensor, rows: torch.Tensor) -> None:
-        self.x, self.rows = x, rows
+    model: TransferModel
+    s: Strategy
+    cache: ActivationCache
+    start: int  # the boundary the batches enter at
+    criterion: nn.Module
+    device: torch.device
+    augment: nn.Module | None
+    generator: torch.Generator
+    soft_loss: SoftLoss | None = None
+    reference: dict[str, torch.Tensor] = field(default_factory=dict)  # pretrained weights, for L2-SP
+    adversary: DomainClassifier | None = None
+    x_target: torch.Tensor | None = None  # unlabelled rows at `start` (DANN)
 
-    def __len__(self) -> int:
-        return len(self.rows)
+    def __call__(self, batch: torch.Tensor, labels: torch.Tensor, progress_done: float) -> torch.Tensor:
+        n = len(batch)
+        if self.adversary is not None:
+            drawn = torch.randint(len(self.x_target), (n,), generator=self.generator)
+            batch = torch.cat([batch, self.x_target[drawn]])
+        if self.augment is not None:
+            batch = augment_batch(batch, self.augment)
+        with autocast(self.device):
+            inputs = to_input(batch, self.device, self.cache)
+            features = self.model.features_from(inputs, self.start)
+            logits = self.model.head(features[:n]).float()
+            loss = self.criterion(logits, labels)
+            loss = loss if self.soft_loss is None else self.soft_loss(loss, logits, inputs[:n], self.start)
+            if self.adversary is not None:
+                s = self.s
+                loss = loss + self.adversary.loss(features, n, reversal_weight(s.dann_weight, s.dann_schedule,
+                                                                               progress_done))
+        if self.s.l2sp_alpha > 0:
+            loss = loss + l2sp_penalty(self.model, self.reference, self.s.l2sp_alpha)
+        return loss
 
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.x[self.rows[idx]]
 
-
-def _training_rows(cache: ActivationCache, start: int, fit_split: str,
-                   pseudo: Pseudo | None) -> tuple[torch.Tensor | _Rows, torch.Tensor]:
-    """(rows, labels) a fine-tune draws its batches from: the split `fit_split` at boundary `start`, and the
-    pseudo-labelled unlabelled rows after it."""
-    x, y = cache.split(start, fit_split)
-    if pseudo is None:
-        return x, y
-    fit, unlabeled = cache.slices[fit_split], cache.slices[UNLABELED]
-    rows = torch.cat([torch.arange(fit.start, fit.stop), unlabeled.start + pseudo[0].cpu()])
-    return _Rows(cache.boundary(start), rows), torch.cat([y, pseudo[1].cpu()])
+def _batch_loss(model: TransferModel, s: Strategy, cache: ActivationCache, start: int, criterion: nn.Module,
+                device: torch.device, soft_loss: SoftLoss | None) -> _BatchLoss:
+    """The batch loss of a fine-tune, with its domain classifier when `s` uses DANN and unlabelled rows exist."""
+    reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
+    loss = _BatchLoss(model, s, cache, start, criterion, device, build_augment(s.augment, cache.data.image_size,
+                      flip=s.flip), torch.Generator().manual_seed(s.seed), soft_loss, reference)
+    if s.dann_weight > 0 and cache.data.unlabeled_count > 0:
+        loss.adversary = DomainClassifier(model.head[0].num_features, s.dann_hidden).to(device)
+        loss.x_target = cache.split(start, UNLABELED)[0]
+    return loss
 
 
 def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_split: str, device: torch.device,
@@ -319,18 +248,18 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
                description: str, soft_loss: SoftLoss | None = None, pseudo: Pseudo | None = None) -> TrialResult:
     """`s.steps` optimizer steps from the fitted head (on `pseudo`-labelled rows too); reports validation `metric`
     at `report_at` and at the end."""
-    augment = build_augment(s.augment, cache.data.image_size, flip=s.flip)
     # From the freeze boundary or the nearest stored one below; augmented views are new: from the images.
     evaluate_from = cache.start_boundary(s.freeze) if use_cache else 0
-    start = evaluate_from if augment is None else 0
-    x_train, y_train = _training_rows(cache, start, fit_split, pseudo)
+    start = evaluate_from if s.augment == "none" else 0
+    x_train, y_train = training_rows(cache, start, fit_split, pseudo)
     x_fit_eval, _ = cache.split(evaluate_from, fit_split)
     x_val, y_val = cache.split(evaluate_from, "val")
-    reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
-    optimizer = _optimizer(param_groups(model, s), s)
+    batch_loss = _batch_loss(model, s, cache, start, _criterion(s, y_train, len(cache.data.classes), device),
+                             device, soft_loss)
+    domain = [] if batch_loss.adversary is None else [
+        {"name": "domain", "params": list(batch_loss.adversary.parameters()), "lr": s.lr, "weight_decay": 0.0}]
+    optimizer = _optimizer(param_groups(model, s) + domain, s)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.steps)
-    criterion = _criterion(s, y_train, len(cache.data.classes), device)
-    generator = torch.Generator().manual_seed(s.seed)
     y_train = y_train.to(device)
     checkpoints = set(report_at) if report is not None else set()
 
@@ -343,16 +272,8 @@ def _fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, fit_sp
 
     history, step = [], 0  # (step, validation score) at each report; optimizer steps taken
     with progress(s.steps, description, "steps") as shown:  # one cheap update per step
-        for idx in _batches(len(x_train), s.steps, generator, on_epoch=lambda: _set_train_mode(model, s)):
-            batch = x_train[idx]
-            if augment is not None:
-                batch = augment_batch(batch, augment)
-            with autocast(device):
-                inputs = to_input(batch, device, cache)
-                logits = model.forward_from(inputs, start).float()
-                loss = criterion(logits, y_train[idx.to(device)])
-                loss = loss if soft_loss is None else soft_loss(loss, logits, inputs, start)
-            loss = loss + l2sp_penalty(model, reference, s.l2sp_alpha) if s.l2sp_alpha > 0 else loss
+        for idx in _batches(len(x_train), s.steps, batch_loss.generator, on_epoch=lambda: _set_train_mode(model, s)):
+            loss = batch_loss(x_train[idx], y_train[idx.to(device)], step / s.steps)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}")
             optimizer.zero_grad(set_to_none=True)

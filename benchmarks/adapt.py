@@ -20,6 +20,7 @@ Both searches of a pair run as subprocesses with the same flags (`--budget`, `--
 
     python benchmarks/adapt.py                        # budget 50 each, both pairs
     python benchmarks/adapt.py --budget 10 --pairs digits --cpus 1
+    python benchmarks/adapt.py --pairs digits --cpus 1 --parallel   # both searches at once, one CPU each
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,15 +122,16 @@ def count(folder: Path) -> int:
     return sum(1 for _ in folder.rglob("*.png"))
 
 
-def run_search(data: Path, out: Path, args: argparse.Namespace, unlabeled: Path | None) -> dict:
-    """One search as a subprocess; its exported model's target test accuracy and the wall time."""
+def run_search(data: Path, out: Path, args: argparse.Namespace, unlabeled: Path | None, cpu_offset: int = 0) -> dict:
+    """One search as a subprocess (on the CPUs from `cpu_offset` on); its exported model's target test accuracy
+    and the wall time."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "autotransfer", "search", str(data), "--budget", str(args.budget),
            "--seed", str(args.seed), "--refit", str(args.refit), "--out", str(out)]
     if unlabeled is not None:
         cmd += ["--unlabeled", str(unlabeled)]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
-    allowed = sorted(os.sched_getaffinity(0))[: args.cpus] if args.cpus else None
+    allowed = sorted(os.sched_getaffinity(0))[cpu_offset:cpu_offset + args.cpus] if args.cpus else None
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.log", "w") as log:
@@ -150,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refit", type=int, default=1, help="refits of the export (default 1: one model each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", type=int, default=None, help="CPUs each search may use (default: all)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run a pair's two searches at once, each on its own --cpus CPUs (default: one after "
+                             "the other)")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--json", type=Path, default=None, help="also write the results there")
     args = parser.parse_args(argv)
@@ -157,14 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in PAIRS]
     if unknown:
         parser.error(f"--pairs: unknown pair {unknown[0]!r}; choose from {', '.join(PAIRS)}")
+    if args.parallel and not args.cpus:
+        parser.error("--parallel needs --cpus (each search's share of the CPUs)")
     print(f"adapt benchmark {datetime.date.today()}: budget {args.budget}, refit {args.refit}, seed {args.seed}")
     results, gains = {}, []
     for name in names:
         folder = ensure_pair(name, args.work)
         sizes = {s: count(folder / s) for s in ("train", "val", "test", "unlabeled")}
         print(f"{name}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()), flush=True)
-        plain = run_search(folder, args.work / name / "source_only", args, None)
-        adapted = run_search(folder, args.work / name / "unlabeled", args, folder / "unlabeled")
+        runs = [(args.work / name / "source_only", None), (args.work / name / "unlabeled", folder / "unlabeled")]
+        if args.parallel:
+            with ThreadPoolExecutor(2) as pool:
+                futures = [pool.submit(run_search, folder, out, args, unlabeled, cpu_offset=i * args.cpus)
+                           for i, (out, unlabeled) in enumerate(runs)]
+                plain, adapted = (f.result() for f in futures)
+        else:
+            plain, adapted = (run_search(folder, out, args, unlabeled) for out, unlabeled in runs)
         results[name] = {"sizes": sizes, "source_only": plain, "unlabeled": adapted}
         for label, r in (("source only", plain), ("--unlabeled", adapted)):
             figure = f"target test {r['test_accuracy']:.4f}" if r["status"] == "ok" else r["status"]

@@ -133,9 +133,13 @@ _TINY_ARGS = ["--backbone", TINY, "--image-size", "16"]
     (lambda p: ["digits", *_TINY_ARGS, "--unlabeled", str(_corrupt_class(p / "u") / "b")], "could be decoded"),
     (lambda p: [str(_classes(p / "d", a=5, b=5)), *_TINY_ARGS, "--unlabeled", str(p / "d")],
      "holds 10 of the labelled images"),
+    (lambda p: ["digits", *_TINY_ARGS, "--val", str(_file(p / "v.png", b"x"))], "--val"),
+    (lambda p: ["digits", *_TINY_ARGS, "--test", str(_classes(p / "t", cat=3, dog=3))], "has class 'cat'"),
+    (lambda p: ["digits", *_TINY_ARGS, "--val", str(_empty(p / "v"))], "No images found in --val"),
 ], ids=["empty-folder", "one-class", "too-few-images", "class-all-corrupt", "only-non-images", "csv-columns",
         "csv-unknown-path", "not-a-csv", "weights-of-another-backbone", "weights-unreadable", "storage-no-scheme",
-        "unlabeled-empty", "unlabeled-unreadable", "unlabeled-is-the-data"])
+        "unlabeled-empty", "unlabeled-unreadable", "unlabeled-is-the-data", "val-not-a-folder", "test-unknown-class",
+        "val-empty"])
 def test_bad_data_and_options_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys, make_argv, match):
     out = tmp_path / "out"
     code = main(["search", *make_argv(tmp_path), "--budget", "1", "--out", str(out)])

@@ -21,6 +21,7 @@ import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+import autotransfer.probe as probe_module
 import autotransfer.study as study_module
 import autotransfer.trainer as trainer_module
 from autotransfer.budget import TWIN_REASON, count, earlier_twin, has_place, not_run
@@ -243,12 +244,14 @@ def test_a_broken_trial_stays_alone(tmp_path, tiny, tiny_cache, monkeypatch):
 
     def nan_loss(strategy, *args, **kwargs):
         with monkeypatch.context() as m:
-            m.setattr(trainer_module, "head_loss", scaled_loss(float("nan")))
+            for module in (trainer_module, probe_module):  # fine-tunes and L-BFGS head fits
+                m.setattr(module, "head_loss", scaled_loss(float("nan")))
             return real_train(strategy, *args, **kwargs)
 
     def inf_loss(strategy, *args, **kwargs):
         with monkeypatch.context() as m:
-            m.setattr(trainer_module, "head_loss", scaled_loss(float("inf")))
+            for module in (trainer_module, probe_module):  # fine-tunes and L-BFGS head fits
+                m.setattr(module, "head_loss", scaled_loss(float("inf")))
             return real_train(strategy, *args, **kwargs)
 
     def diverges(strategy, *args, **kwargs):

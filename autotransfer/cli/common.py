@@ -43,7 +43,8 @@ def prepare(args: argparse.Namespace):
     out = args.out or Path("studies") / (getattr(args, "study_name", None) or data_name(args.data))
     created = not out.exists()
     bounds = dict(seed=args.seed, memory_limit=args.cache_memory, disk_limit=args.cache_disk, spill=out / "cache",
-                  unlabeled=getattr(args, "unlabeled", None))
+                  unlabeled=getattr(args, "unlabeled", None), val=getattr(args, "val", None),
+                  test=getattr(args, "test", None))
     data = load_data(args.data, image_size=args.image_size, **bounds)
     backbone = get_backbone(args.backbone, args.weights)
     try:

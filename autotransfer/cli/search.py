@@ -40,6 +40,12 @@ class Search(Command):
                             help="images without labels from the setting the model will serve (a folder in any "
                                  "layout, or a CSV with a path column): the search also tries self-training on them "
                                  "and scores every trial by reverse validation on them too (default: none)")
+        parser.add_argument("--val", default=None, metavar="DIR",
+                            help="labelled images from the setting the model will serve, as class folders: the "
+                                 "validation split (every trial is scored on them alone; DATA's images train)")
+        parser.add_argument("--test", default=None, metavar="DIR",
+                            help="labelled images from that setting, as class folders: the test split, never "
+                                 "searched on (the exported model's test accuracy is measured there)")
         parser.add_argument("--budget", type=int_at_least("--budget", 50), default=50,
                             help="finished trials in the study (default: 50)")
         parser.add_argument("--study-name", default=None, help="default: the data set's name")
@@ -73,7 +79,8 @@ class Search(Command):
                              metric=args.metric, artifacts=args.artifacts)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
-                      weights=args.weights, group_names=backbone.group_names, unlabeled=args.unlabeled)
+                      weights=args.weights, group_names=backbone.group_names, unlabeled=args.unlabeled,
+                      val=args.val, test=args.test)
         try:
             with sigterm_as_interrupt():
                 return run_search(config, backbone, cache, workers=args.workers, reseed=shared, source=source,
@@ -181,7 +188,9 @@ def _print_setting(study, config, backbone, cache) -> None:
           f"{data.image_size}px; train/val/test {len(data.split['train'])}/{len(data.split['val'])}/"
           f"{len(data.split['test'])}{f', unlabelled {data.unlabeled_count}' if data.unlabeled_count else ''}), "
           f"backbone {backbone.name} ({backbone.num_groups} groups)")
-    print(f"study {config.study_name!r} in {config.storage}; objective: validation {metric} ({why})")
+    scored_by = ("; validation is --val, from the setting the model serves" if data.target_val else
+                 "; with reverse validation on the unlabelled images" if data.unlabeled_count else "")
+    print(f"study {config.study_name!r} in {config.storage}; objective: validation {metric} ({why}){scored_by}")
     space = search_space(study, config, cache)
     ladder = StepLadder(space.max_steps)
     cache.load()  # load (or compute and persist) now: the line below reports it, and workers load it
