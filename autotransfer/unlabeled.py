@@ -63,13 +63,13 @@ def finish_fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, 
         return None
     start = cache.start_boundary(s.freeze) if use_cache else 0
     features = lambda x: model.features_from(x, start)
-    unlabeled_features = logits_of(features, cache.split(start, UNLABELED)[0], cache, device)
+    unlabeled_features = logits_of(features, cache.split(start, UNLABELED)[0], cache, "cpu")  # where the model is
     if s.adapt == "adabn":
         adabn(model.head[0], unlabeled_features)
     if not scored:
         return None
     x_val, y_val = cache.split(start, "val")
-    return reverse(model.head, unlabeled_features, logits_of(features, x_val, cache, device), y_val, cache,
+    return reverse(model.head, unlabeled_features, logits_of(features, x_val, cache, "cpu"), y_val, cache,
                    torch.device("cpu"))
 
 
