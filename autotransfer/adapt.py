@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from autotransfer.heads import build_head
+from autotransfer.probe import set_statistics
 
 Fit = Callable[[torch.Tensor, torch.Tensor], None]  # (features, labels) -> fits the head in place
 Predict = Callable[[torch.Tensor], torch.Tensor]  # features -> logits
@@ -65,9 +66,7 @@ def self_train(fit: Fit, predict: Predict, x: torch.Tensor, y: torch.Tensor, x_u
 
 def adabn(norm: nn.BatchNorm1d, x_unlabeled: torch.Tensor) -> None:
     """AdaBN of a head: its input BatchNorm standardises with the unlabelled images' features (in place)."""
-    with torch.no_grad():
-        norm.running_mean.copy_(x_unlabeled.float().mean(0))
-        norm.running_var.copy_(x_unlabeled.float().var(0, unbiased=False))
+    set_statistics(norm, x_unlabeled)
 
 
 def standardised(x: torch.Tensor) -> torch.Tensor:

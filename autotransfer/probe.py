@@ -18,6 +18,13 @@ class TrainingDiverged(AutotransferError):
     """The loss became NaN or infinite; the trial is dropped, the study goes on."""
 
 
+def set_statistics(norm: nn.BatchNorm1d, x: torch.Tensor) -> None:
+    """`norm` standardises with the mean and (biased) variance of the rows `x` (in place)."""
+    with torch.no_grad():
+        norm.running_mean.copy_(x.float().mean(0))
+        norm.running_var.copy_(x.float().var(0, unbiased=False))
+
+
 def class_weights(strategy: Strategy, y: torch.Tensor, num_classes: int) -> torch.Tensor | None:
     """Per-class loss weights of `strategy.class_weight` on the labels it trains on (None: unweighted)."""
     return balanced_class_weights(y.cpu(), num_classes) if strategy.class_weight == "balanced" else None
@@ -34,9 +41,8 @@ def fit_head(head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, strategy: St
     """
     l2 = strategy.weight_decay if l2 is None else l2
     norm, layers = head[0], head[1:]
+    set_statistics(norm, x)
     with torch.no_grad():
-        norm.running_mean.copy_(x.mean(0))
-        norm.running_var.copy_(x.var(0, unbiased=False))
         layers[-1].weight.zero_()
         layers[-1].bias.zero_()
     head.eval()  # BatchNorm on the statistics just set, dropout off: a deterministic objective
