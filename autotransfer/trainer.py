@@ -160,7 +160,7 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     if s.trains_backbone:
         result = _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
                             description, soft_loss, pseudo)
-        result.reverse_accuracy = finish_fine_tune(result.model, s, cache, use_cache, device, scored)
+        result.reverse_accuracy = finish_fine_tune(result.model, s, cache, use_cache, scored)
         return result
     x_val, y_val = pooled_features(model, cache, "val", use_cache, device)
     with torch.no_grad():

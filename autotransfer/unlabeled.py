@@ -56,7 +56,7 @@ def reverse(head: nn.Module, x_unlabeled: torch.Tensor, x_val: torch.Tensor, y_v
 
 
 def finish_fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, use_cache: bool,
-                     device: torch.device, scored: bool) -> float | None:
+                     scored: bool) -> float | None:
     """After a fine-tune, on the model it returns (on the CPU): AdaBN of its head when `s.adapt` says so, and
     (`scored`) its reverse validation on its own pooled features."""
     if not scored and s.adapt != "adabn" or cache.data.unlabeled_count == 0:
