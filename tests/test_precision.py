@@ -172,3 +172,40 @@ def test_weights_get_7_bits_unless_the_cpu_has_vnni(tmp_path):
     (tmp_path / "vnni").write_text(f"processor\t: 0\n{flags} avx512f avx512_vnni\n")
     assert not has_vnni(tmp_path / "avx2") and has_vnni(tmp_path / "vnni")
     assert not has_vnni(tmp_path / "missing"), "no /proc/cpuinfo (macOS, Windows): the safe 7-bit weights"
+
+
+def test_bias_correction_moves_each_int8_conv_to_the_fp32_channel_means(best, digits16, tmp_path):
+    """After `correct_biases`, each quantised conv's per-channel output mean over the correction images equals
+    fp32's up to half a step of its int32 bias; on other images the gaps shrink too."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import autotransfer.precision as precision
+
+    meta = read_metadata(cpu_session(best / "model.onnx"))
+    train, val = (normalise(digits16.subset(s)[0], tuple(meta["mean"]), tuple(meta["std"])).numpy()
+                  for s in ("train", "val"))
+    pre, dest = tmp_path / "pre.onnx", tmp_path / "model.int8.onnx"
+    quant_pre_process(str(best / "model.onnx"), str(pre), skip_symbolic_shape=True)
+    fp32 = onnx.load(str(pre))
+    first_conv = next(n.name for n in fp32.graph.node if n.op_type == "Conv")
+    precision._quantize(pre, dest, train[:256], "input", [first_conv])
+
+    def gaps(images):
+        model = onnx.load(str(dest))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        outputs = {n.name: n.output[0] for n in fp32.graph.node}
+        convs = [n for n in model.graph.node if n.op_type == "Conv" and f"{n.input[2]}_quantized" in inits]
+        want = precision._channel_means(fp32, [outputs[n.name] for n in convs], images)
+        got = precision._channel_means(model, [n.output[0] for n in convs], images)
+        steps = [inits[f"{n.input[2]}_quantized_scale"] for n in convs]
+        return [np.abs(w - g) for w, g in zip(want, got, strict=True)], steps
+
+    before, _ = gaps(val)
+    corrected = precision.correct_biases(pre, dest, train[:64])
+    after_same, steps = gaps(train[:64])
+    after_other, _ = gaps(val)
+    assert corrected == len(steps) >= 2  # the tiny CNN: every conv after the first
+    assert all(np.all(gap <= step / 2 + 1e-5) for gap, step in zip(after_same, steps, strict=True))
+    assert sum(g.mean() for g in after_other) < 0.7 * sum(g.mean() for g in before)
+    kept = cpu_session(dest).get_modelmeta().custom_metadata_map.items()
+    assert cpu_session(pre).get_modelmeta().custom_metadata_map.items() <= kept, "metadata survives the rewrite"
