@@ -7,6 +7,7 @@ CPU deployment option. Both keep the fp32 model's input/output names, float32 I/
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -87,6 +88,7 @@ def _make_int8(fp32_path: Path, dest: Path, calibration_images: np.ndarray,
     if calibration_images is None or len(calibration_images) == 0:
         raise ConfigError("int8 needs calibration images (a few hundred training images, preprocessed).")
     pre = dest.with_name(f".{dest.stem}.pre.onnx")
+    kept = dest.with_name(f".{dest.stem}.best.onnx")  # the best candidate so far, so it is never made twice
     root = logging.getLogger()
     level, root.level = root.level, logging.ERROR  # ORT warns on the root logger about 1-D (BatchNorm) weights
     try:
@@ -107,16 +109,17 @@ def _make_int8(fp32_path: Path, dest: Path, calibration_images: np.ndarray,
             agreement = None if reference is None else float((_top1(dest, check_images) == reference).mean())
             found = {"float_convs": prefix, "float_nodes": len(excluded),
                      "check_agreement": agreement}
-            if not best or (agreement or 0) > (best["check_agreement"] or 0):
-                best = {**found, "excluded": excluded}
             if agreement is None or agreement >= INT8_AGREEMENT_TARGET:
                 return found
-        _quantize(pre, dest, calibration_images[:CALIBRATION_IMAGES], graph.input[0].name, best.pop("excluded"))
-        correct_biases(pre, dest, calibration_images[:BIAS_CORRECTION_IMAGES])
+            if not best or agreement > best["check_agreement"]:
+                best = found
+                shutil.copyfile(dest, kept)
+        kept.replace(dest)
         return best
     finally:
         root.setLevel(level)
         pre.unlink(missing_ok=True)
+        kept.unlink(missing_ok=True)
 
 
 def _quantize(pre: Path, dest: Path, images: np.ndarray, input_name: str, excluded: list[str]) -> None:
