@@ -20,7 +20,7 @@ from autotransfer.checkpoints import load_trial_model
 from autotransfer.data import ImageData
 from autotransfer.defaults import DEFAULT_REFITS
 from autotransfer.device import pick_device
-from autotransfer.distill import TOLERANCE, distil, held_out_accuracy
+from autotransfer.distill import TOLERANCE, Recipe, distil, held_out_accuracy
 from autotransfer.errors import AutotransferError
 from autotransfer.export import export_onnx, verify
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
@@ -148,7 +148,7 @@ def _distilled(ensemble: nn.Module, strategy: Strategy, backbone: Backbone, cach
     x_test, y_test = cache.data.subset("test")
     x_test = normalise(x_test, backbone.mean, backbone.std)
     teacher_acc = held_out_accuracy(ensemble, x_test, y_test)
-    record = {"ensemble_test_accuracy": teacher_acc, "temperature": student.temperature, "alpha": student.alpha,
+    record = {"ensemble_test_accuracy": teacher_acc, **student.recipe.as_dict(),
               "candidates_val": student.candidates, "tolerance": TOLERANCE}
     if student.model is None:
         return ensemble, {**record, "shipped": "ensemble", "student_test_accuracy": None, "why": student.failure}
@@ -161,11 +161,11 @@ def _distilled(ensemble: nn.Module, strategy: Strategy, backbone: Backbone, cach
     return student.model, {**record, "shipped": "student", "why": None}
 
 
-def _student_recipe(distillation: dict[str, Any] | None) -> dict[str, float] | None:
+def _student_recipe(distillation: dict[str, Any] | None) -> dict[str, float | bool] | None:
     """What the shipped student was distilled with (None: no student shipped), for the model's metadata."""
     if distillation is None or distillation["shipped"] != "student":
         return None
-    return {"temperature": distillation["temperature"], "alpha": distillation["alpha"]}
+    return Recipe.from_dict(distillation).as_dict()
 
 
 def _stored(study: optuna.Study, number: int, refits: int, precisions: tuple[str, ...], store: ArtifactStore | None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -38,9 +39,28 @@ from autotransfer.strategy import Strategy
 from autotransfer.unlabeled import Pseudo, finish_fine_tune, fit_probe, reverse, training_rows
 
 Report = Callable[[int, float], None]
-# (hard-label loss, student logits, the batch as it enters group `start`, start) -> the loss to minimise; a
-# fine-tune that learns from a teacher (distillation, see `distill.py`) passes one.
-SoftLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class SoftLoss(Protocol):
+    """The loss of a fine-tune that learns from a teacher (distillation, see `distill.py`)."""
+
+    mixup: bool  # whether student and teacher see in-batch mixes of the inputs (`mix_pairs`) instead of the batch
+
+    def __call__(self, hard: torch.Tensor, logits: torch.Tensor, inputs: torch.Tensor, start: int) -> torch.Tensor:
+        """(hard-label loss, student logits, the batch as it enters group `start`, start) -> the loss to minimise."""
+        ...
+
+
+def mix_pairs(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each row mixed with a random other row of the batch, weight ~ U(0, 1) per row (mixup's inputs).
+
+    Distillation only: the teacher labels the mixed input, so no label has to be mixed, and each step shows
+    the student views between the training images (function matching, Beyer et al., 2022).
+    """
+    n = len(x)
+    partner = torch.randperm(n, generator=generator).to(x.device)
+    weight = torch.rand(n, generator=generator).to(x).view(n, *([1] * (x.ndim - 1)))
+    return weight * x + (1 - weight) * x[partner]
 
 
 @dataclass
@@ -218,6 +238,8 @@ class _BatchLoss:
             batch = augment_batch(batch, self.augment)
         with autocast(self.device):
             inputs = to_input(batch, self.device, self.cache)
+            if self.soft_loss is not None and self.soft_loss.mixup:
+                inputs = torch.cat([mix_pairs(inputs[:n], self.generator), inputs[n:]])
             features = self.model.features_from(inputs, self.start)
             logits = self.model.head(features[:n]).float()
             loss = self.criterion(logits, labels)

@@ -1,13 +1,14 @@
 """The distilled student against the refit ensemble it learns from: test accuracy, file size, latency.
 
-    python benchmarks/distill.py [--data digits digits_shifted] [--refit 3] [--max-steps N] [--longer 2]
+    python benchmarks/distill.py [--data digits digits_shifted] [--refit 3] [--max-steps N] [--longer 2] [--each]
 
 Per data set (Lite0 at the product's resolution, split seed 0): the prior's first fine-tuning strategy with
 the data's step ladder (or `--max-steps`, as `search` takes it) is refit `--refit` times on train+val (the
-default export), then distilled as the export does (`autotransfer.distill.distil`: temperature and alpha
-chosen on validation, the student trained on train+val). Side by side on the test split, through PyTorch:
-one member (the ensemble's first), the ensemble, the student; and two controls that say where a gain comes
-from: a student trained `--longer` times the steps with the chosen temperature and alpha, and a plain member
+default export), then distilled as the export does (`autotransfer.distill.distil`: the recipe chosen on
+validation, the student trained on train+val); `--each` also trains every candidate recipe's student on
+train+val and prints its test accuracy (what the choice could have had). Side by side on the test split,
+through PyTorch: one member (the ensemble's first), the ensemble, the student; and two controls that say where
+a gain comes from: a student trained `--longer` times the steps with the chosen recipe, and a plain member
 (no teacher) trained as long (`--longer 0`: no controls). Then both shipped candidates are exported to ONNX:
 file size, and onnxruntime CPU latency at batch 64 (median of `--repeats`).
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from autotransfer.backbones import get_backbone  # noqa: E402
 from autotransfer.data import load_data  # noqa: E402
 from autotransfer.device import configure_threads  # noqa: E402
-from autotransfer.distill import SoftTargets, distil, held_out_accuracy  # noqa: E402
+from autotransfer.distill import CANDIDATES, SoftTargets, distil, held_out_accuracy  # noqa: E402
 from autotransfer.export import export_onnx  # noqa: E402
 from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise  # noqa: E402
 from autotransfer.prior import build_prior  # noqa: E402
@@ -77,14 +78,15 @@ def one(name: str, args: argparse.Namespace) -> dict:
     if args.longer:
         schedule = refit_schedule(strategy, cache)
         longer = dataclasses.replace(schedule, steps=args.longer * schedule.steps)
-        soft = SoftTargets(ensemble, student.temperature, student.alpha)
+        soft = SoftTargets.of(ensemble, student.recipe)
         for key, loss in (("student_longer", soft), ("plain_longer", None)):
             controls[key] = held_out_accuracy(train_trial(longer, backbone, cache, fit_split=TRAIN_AND_VAL,
                                                           soft_loss=loss).model, x, y)
     row = {"data": name, "images": len(data.labels), "strategy": strategy.describe(backbone.group_names),
            "member": member, "ensemble": held_out_accuracy(ensemble, x, y),
-           "student": held_out_accuracy(student.model, x, y), "temperature": student.temperature,
-           "alpha": student.alpha, "candidates_val": student.candidates,
+           "student": held_out_accuracy(student.model, x, y), "recipe": student.recipe.name,
+           "candidates_val": student.candidates,
+           "candidates_test": _each(args, strategy, ensemble, backbone, cache, x, y),
            **controls, "refit_s": refit_s, "distil_s": distil_s}
     meta = {"class_names": list(data.classes)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +95,14 @@ def one(name: str, args: argparse.Namespace) -> dict:
             row[f"{kind}_bytes"] = path.stat().st_size
             row[f"{kind}_ms"] = latency_ms(path, x.numpy(), args.repeats)
     return row
+
+
+def _each(args, strategy, ensemble, backbone, cache, x, y) -> dict[str, float] | None:
+    """Test accuracy of every candidate recipe's student trained on train+val (`--each`), else None."""
+    if not args.each:
+        return None
+    return {r.name: held_out_accuracy(distil(strategy, ensemble, backbone, cache, candidates=(r,)).model, x, y)
+            for r in CANDIDATES}
 
 
 def _controls(r: dict, longer: int) -> str:
@@ -108,6 +118,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--max-steps", type=int, default=None, help="fine-tune steps (default: the data's ladder)")
     parser.add_argument("--longer", type=int, default=2, help="steps of the two controls, x the refit schedule")
+    parser.add_argument("--each", action="store_true", help="also test every candidate recipe's student")
     args = parser.parse_args()
     configure_threads()
     rows = []
@@ -115,8 +126,8 @@ def main() -> None:
         r = one(name, args)
         rows.append(r)
         print(f"{name} ({r['images']} images; {r['strategy']}): test member {r['member']:.4f}, ensemble of "
-              f"{args.refit} {r['ensemble']:.4f}, student {r['student']:.4f} (T {r['temperature']:g}, alpha "
-              f"{r['alpha']:g}; validation {r['candidates_val']}){_controls(r, args.longer)}. ONNX "
+              f"{args.refit} {r['ensemble']:.4f}, student {r['student']:.4f} ({r['recipe']}; validation "
+              f"{r['candidates_val']}; test {r['candidates_test']}){_controls(r, args.longer)}. ONNX "
               f"{r['student_bytes'] / 1e6:.1f} "
               f"vs {r['ensemble_bytes'] / 1e6:.1f} MB, batch 64 {r['student_ms']:.1f} vs {r['ensemble_ms']:.1f} ms. "
               f"refit {r['refit_s']:.0f}s, distil {r['distil_s']:.0f}s", flush=True)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from autotransfer.backbones import get_backbone  # noqa: E402
 from autotransfer.data import load_data  # noqa: E402
-from autotransfer.distill import distil  # noqa: E402
+from autotransfer.distill import Recipe, distil  # noqa: E402
 from autotransfer.export import export_onnx, read_metadata  # noqa: E402
 from autotransfer.features import ActivationCache, normalise  # noqa: E402
 from autotransfer.model import build_model  # noqa: E402
@@ -71,8 +71,8 @@ def torch_model_for(model_path: Path):
         data = load_data(name, image_size=meta["input_size"][-1], seed=strategy.seed)
         cache = ActivationCache(backbone, data)
         model = refit(strategy, backbone, cache, members=meta["refits"]).model.eval()
-        if meta.get("distilled"):  # the student of that ensemble, with the recorded temperature and alpha
-            recipe = ((meta["distilled"]["temperature"], meta["distilled"]["alpha"]),)
+        if meta.get("distilled"):  # the student of that ensemble, with the recorded recipe
+            recipe = (Recipe.from_dict(meta["distilled"]),)
             model = distil(strategy, model, backbone, cache, candidates=recipe).model
         return model.eval(), meta
     number = meta["optuna_trial_number"]

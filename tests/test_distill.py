@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from autotransfer.cli import main
-from autotransfer.distill import CANDIDATES, SoftTargets, candidate_name, distil, held_out_accuracy
+from autotransfer.distill import CANDIDATES, Recipe, SoftTargets, distil, held_out_accuracy
 from autotransfer.features import ActivationCache, normalise
 from autotransfer.model import TransferModel
 from autotransfer.refit import Ensemble, distils, refit
 from autotransfer.strategy import Strategy
+from autotransfer.trainer import mix_pairs
 from tests.conftest import TINY
 
 FINE_TUNE = Strategy(tap=3, freeze=1, head="linear", pool="avgmax", lr=0.005, lr_ratio=0.1, steps=20)
@@ -41,6 +42,25 @@ def test_the_soft_loss_is_hinton_s_mix_of_hard_labels_and_tempered_kl():
     assert got == pytest.approx(0.5 * 0.7 + 0.5 * t * t * kl, rel=1e-5), "T^2 keeps the soft gradients' scale"
 
 
+def test_mixed_inputs_are_convex_mixes_of_two_rows_of_the_batch():
+    x = torch.eye(6).view(6, 6, 1, 1) * 10
+    mixed = mix_pairs(x, torch.Generator().manual_seed(0))
+    assert mixed.shape == x.shape
+    rows = mixed.view(6, 6)
+    assert torch.allclose(rows.sum(1), torch.full((6,), 10.0)), "weights w and 1 - w sum to one"
+    assert ((rows >= 0).all() and (rows > 0).sum(1) <= 2).all(), "each row mixes itself with one partner"
+    assert not torch.equal(mixed, x), "the batch is mixed, not passed through"
+
+
+def test_a_recipe_round_trips_through_metrics_and_refuses_mixup_with_hard_labels():
+    for recipe in CANDIDATES:
+        assert Recipe.from_dict(json.loads(json.dumps(recipe.as_dict()))) == recipe
+    assert Recipe.from_dict({"temperature": 4, "alpha": 0.5}) == Recipe(4.0, 0.5), "metrics before mixup existed"
+    assert Recipe(1.0, 1.0, mixup=True).name == "T=1 alpha=1 mixup"
+    with pytest.raises(ValueError, match="alpha 1"):
+        Recipe(4.0, 0.5, mixup=True)
+
+
 def test_only_an_ensemble_of_several_members_is_distilled():
     assert distils(FINE_TUNE, 3, True) and not distils(FINE_TUNE, 3, False) and not distils(FINE_TUNE, 1, True)
     assert not distils(Strategy(tap=2, freeze=2, head="linear"), 3, True), "a convex head-only fit is refit once"
@@ -52,9 +72,9 @@ def test_the_student_is_one_member_chosen_on_validation_and_close_to_the_ensembl
     assert isinstance(ensemble, Ensemble)
     student = distil(FINE_TUNE, ensemble, tiny, cache)
     assert isinstance(student.model, TransferModel) and student.failure is None
-    assert set(student.candidates) == {candidate_name(*c) for c in CANDIDATES}
+    assert set(student.candidates) == {c.name for c in CANDIDATES}
     best = max(student.candidates.values())
-    assert student.candidates[candidate_name(student.temperature, student.alpha)] == best
+    assert student.candidates[student.recipe.name] == best
     members = sum(p.numel() for p in ensemble.parameters())
     assert sum(p.numel() for p in student.model.parameters()) < members / 2, "one model, not three tails"
     x, y = digits16.subset("test")
@@ -63,6 +83,18 @@ def test_the_student_is_one_member_chosen_on_validation_and_close_to_the_ensembl
     with torch.no_grad():
         agree = (student.model(x).argmax(1) == ensemble(x).argmax(1)).float().mean().item()
     assert agree >= 0.85, "the student reproduces its teacher's predictions"
+
+
+def test_a_student_trained_on_mixed_inputs_learns_its_teacher(tiny, digits16):
+    cache = ActivationCache(tiny, digits16)
+    ensemble = refit(FINE_TUNE, tiny, cache, members=2).model
+    student = distil(FINE_TUNE, ensemble, tiny, cache, candidates=(Recipe(1.0, 1.0, mixup=True),))
+    assert student.recipe.mixup and student.failure is None
+    x, _ = digits16.subset("test")
+    x = normalise(x, tiny.mean, tiny.std)
+    with torch.no_grad():
+        agree = (student.model(x).argmax(1) == ensemble(x).argmax(1)).float().mean().item()
+    assert agree >= 0.8, "trained on mixes only, the student still answers like its teacher on real images"
 
 
 def _fine_tune_first(monkeypatch):

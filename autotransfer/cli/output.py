@@ -49,7 +49,8 @@ def describe_training(metrics: dict) -> str:
 
 
 def distillation_choice(distillation: dict) -> str:
-    return f"T {distillation['temperature']:g}, alpha {distillation['alpha']:g}, chosen on validation"
+    mixup = ", inputs mixed" if distillation.get("mixup") else ""
+    return f"T {distillation['temperature']:g}, alpha {distillation['alpha']:g}{mixup}, chosen on validation"
 
 
 def print_variants(metrics: dict) -> None:
