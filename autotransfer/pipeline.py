@@ -149,7 +149,8 @@ def _distilled(ensemble: nn.Module, strategy: Strategy, backbone: Backbone, cach
     x_test = normalise(x_test, backbone.mean, backbone.std)
     teacher_acc = held_out_accuracy(ensemble, x_test, y_test)
     record = {"ensemble_test_accuracy": teacher_acc, **student.recipe.as_dict(),
-              "candidates_val": student.candidates, "tolerance": TOLERANCE}
+              "candidates_val": student.candidates,
+              "candidates_val_kl": student.teacher_kl, "tolerance": TOLERANCE}
     if student.model is None:
         return ensemble, {**record, "shipped": "ensemble", "student_test_accuracy": None, "why": student.failure}
     student_acc = held_out_accuracy(student.model, x_test, y_test)

@@ -86,6 +86,7 @@ def one(name: str, args: argparse.Namespace) -> dict:
            "member": member, "ensemble": held_out_accuracy(ensemble, x, y),
            "student": held_out_accuracy(student.model, x, y), "recipe": student.recipe.name,
            "candidates_val": student.candidates,
+           "candidates_kl": {k: round(v, 4) for k, v in student.teacher_kl.items()},
            "candidates_test": _each(args, strategy, ensemble, backbone, cache, x, y),
            **controls, "refit_s": refit_s, "distil_s": distil_s}
     meta = {"class_names": list(data.classes)}
@@ -127,7 +128,8 @@ def main() -> None:
         rows.append(r)
         print(f"{name} ({r['images']} images; {r['strategy']}): test member {r['member']:.4f}, ensemble of "
               f"{args.refit} {r['ensemble']:.4f}, student {r['student']:.4f} ({r['recipe']}; validation "
-              f"{r['candidates_val']}; test {r['candidates_test']}){_controls(r, args.longer)}. ONNX "
+              f"{r['candidates_val']}, KL to teacher {r['candidates_kl']}; test {r['candidates_test']})"
+              f"{_controls(r, args.longer)}. ONNX "
               f"{r['student_bytes'] / 1e6:.1f} "
               f"vs {r['ensemble_bytes'] / 1e6:.1f} MB, batch 64 {r['student_ms']:.1f} vs {r['ensemble_ms']:.1f} ms. "
               f"refit {r['refit_s']:.0f}s, distil {r['distil_s']:.0f}s", flush=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from autotransfer.cli import main
-from autotransfer.distill import CANDIDATES, Recipe, SoftTargets, distil, held_out_accuracy
+from autotransfer.distill import CANDIDATES, Recipe, SoftTargets, _kl_to, distil, held_out_accuracy
 from autotransfer.features import ActivationCache, normalise
 from autotransfer.model import TransferModel
 from autotransfer.refit import Ensemble, distils, refit
@@ -73,8 +73,10 @@ def test_the_student_is_one_member_chosen_on_validation_and_close_to_the_ensembl
     student = distil(FINE_TUNE, ensemble, tiny, cache)
     assert isinstance(student.model, TransferModel) and student.failure is None
     assert set(student.candidates) == {c.name for c in CANDIDATES}
-    best = max(student.candidates.values())
-    assert student.candidates[student.recipe.name] == best
+    assert set(student.teacher_kl) == set(student.candidates)
+    assert all(0.0 <= kl < float("inf") for kl in student.teacher_kl.values())
+    best = max((score, -student.teacher_kl[name]) for name, score in student.candidates.items())
+    assert (student.candidates[student.recipe.name], -student.teacher_kl[student.recipe.name]) == best
     members = sum(p.numel() for p in ensemble.parameters())
     assert sum(p.numel() for p in student.model.parameters()) < members / 2, "one model, not three tails"
     x, y = digits16.subset("test")
@@ -83,6 +85,23 @@ def test_the_student_is_one_member_chosen_on_validation_and_close_to_the_ensembl
     with torch.no_grad():
         agree = (student.model(x).argmax(1) == ensemble(x).argmax(1)).float().mean().item()
     assert agree >= 0.85, "the student reproduces its teacher's predictions"
+
+
+def test_a_tie_on_validation_goes_to_the_student_closer_to_its_teacher(tiny, digits16, monkeypatch):
+    cache = ActivationCache(tiny, digits16)
+    ensemble = refit(FINE_TUNE, tiny, cache, members=2).model
+    images, _ = digits16.subset("val")
+    assert _kl_to(ensemble, ensemble, images, tiny, "cpu") == pytest.approx(0.0, abs=1e-6)
+    member = torch.nn.Sequential(ensemble.trunk, ensemble.tails[0])
+    assert _kl_to(ensemble, member, images, tiny, "cpu") > 1e-4, "one member is not the ensemble"
+    first, second = CANDIDATES[:2]
+    monkeypatch.setattr("autotransfer.distill._choose", lambda *_: (
+        {first.name: 0.9, second.name: 0.9}, {first.name: 0.30, second.name: 0.10}))
+    assert distil(FINE_TUNE, ensemble, tiny, cache, candidates=(first, second)).recipe == second
+    monkeypatch.setattr("autotransfer.distill._choose", lambda *_: (
+        {first.name: 0.8, second.name: 0.9}, {first.name: 0.01, second.name: 0.10}))
+    assert distil(FINE_TUNE, ensemble, tiny, cache, candidates=(first, second)).recipe == second, \
+        "the score decides first; the KL only breaks ties"
 
 
 def test_a_student_trained_on_mixed_inputs_learns_its_teacher(tiny, digits16):
