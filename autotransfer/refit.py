@@ -102,8 +102,9 @@ def member_count(strategy: Strategy, requested: int) -> int:
 
 def distils(strategy: Strategy, requested: int, distill: bool) -> bool:
     """Whether an export with `requested` refits and `distill` distils an ensemble (`distill.py`): only when the
-    refit trains several members."""
-    return distill and member_count(strategy, requested) > 1
+    refit trains several members that fine-tune the backbone (an ensemble of MLP heads on one frozen backbone is
+    shipped as it is: `distill.distil` has no student recipe for a head-only strategy)."""
+    return distill and strategy.trains_backbone and member_count(strategy, requested) > 1
 
 
 def refit(strategy: Strategy, backbone: Backbone, cache: ActivationCache, *, members: int = DEFAULT_REFITS,

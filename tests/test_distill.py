@@ -64,6 +64,8 @@ def test_a_recipe_round_trips_through_metrics_and_refuses_mixup_with_hard_labels
 def test_only_an_ensemble_of_several_members_is_distilled():
     assert distils(FINE_TUNE, 3, True) and not distils(FINE_TUNE, 3, False) and not distils(FINE_TUNE, 1, True)
     assert not distils(Strategy(tap=2, freeze=2, head="linear"), 3, True), "a convex head-only fit is refit once"
+    mlp_heads = Strategy(tap=2, freeze=2, head="mlp", mlp_hidden=8)
+    assert not distils(mlp_heads, 3, True), "an ensemble of MLP heads has no student recipe: shipped as it is"
 
 
 def test_the_student_is_one_member_chosen_on_validation_and_close_to_the_ensemble(tiny, digits16):
