@@ -118,13 +118,13 @@ def test_a_student_trained_on_mixed_inputs_learns_its_teacher(tiny, digits16):
     assert agree >= 0.8, "trained on mixes only, the student still answers like its teacher on real images"
 
 
-def _fine_tune_first(monkeypatch):
-    """The prior's first (and, at budget 1, only) trial is a fine-tune, so the refit is a real ensemble."""
+def _fine_tune_first(monkeypatch, strategy: Strategy = FINE_TUNE):
+    """The prior's first (and, at budget 1, only) trial is `strategy` (a fine-tune: the refit is a real ensemble)."""
     import autotransfer.prior as prior_module
 
     build_prior = prior_module.build_prior
     monkeypatch.setattr("autotransfer.study.build_prior", lambda *a, **k: dataclasses.replace(
-        build_prior(*a, **k), first_strategies=[FINE_TUNE]))
+        build_prior(*a, **k), first_strategies=[strategy]))
 
 
 def _search(out, *extra):
@@ -151,6 +151,16 @@ def test_search_ships_the_student_and_no_distill_the_ensemble(tmp_path, capsys, 
     assert plain["distillation"] is None and "(2 refits on train+val)" in capsys.readouterr().out
     sizes = [(tmp_path / run / "best" / "model.onnx").stat().st_size for run in ("a", "b")]
     assert sizes[0] < 0.8 * sizes[1], f"the student's file is one model's, the ensemble's two tails: {sizes}"
+
+
+def test_a_head_only_mlp_ensemble_is_shipped_as_it_is(tmp_path, capsys, monkeypatch):
+    """The crash of a photo search: its best trial was an MLP head on a frozen backbone, refit with several seeds,
+    and the export tried to distil them although `distil` has no student recipe for a head-only strategy."""
+    _fine_tune_first(monkeypatch, Strategy(tap=3, freeze=3, head="mlp", mlp_hidden=128, lr=0.01, steps=20))
+    assert _search(tmp_path) == 0
+    metrics = json.loads((tmp_path / "best" / "metrics.json").read_text())
+    assert metrics["refits"] == 2 and metrics["distillation"] is None
+    assert "(2 refits on train+val)" in capsys.readouterr().out
 
 
 def test_a_student_that_loses_to_the_ensemble_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
