@@ -4,6 +4,7 @@ stay free of torch)."""
 # The exported model is the chosen strategy trained this many times on train+val, averaged (see `refit.py`):
 # 3 took digits' mean test error over four splits from 1.39 % to 1.02 %, for about 4x one trial's time.
 DEFAULT_REFITS = 3
+DEFAULT_PATIENCE = 10  # trials without a new leader once validation saturated, then the search stops (saturation.py)
 
 DEVICES = ("auto", "cpu", "cuda")  # where training runs; "auto" takes a CUDA GPU when one is visible
 

@@ -35,6 +35,7 @@ from autotransfer.checkpoints import (  # noqa: F401 - load_trial_model re-expor
     load_trial_model,
     save_checkpoint,
 )
+from autotransfer.defaults import DEFAULT_PATIENCE
 from autotransfer.device import pick_device
 from autotransfer.errors import ConfigError
 from autotransfer.features import ActivationCache
@@ -43,6 +44,7 @@ from autotransfer.metrics import choose_metric
 from autotransfer.optuna_compat import finished_elsewhere, trial_by_number
 from autotransfer.prior import build_prior
 from autotransfer.ranking import ranked, ranks_above
+from autotransfer.saturation import saturation_stop
 from autotransfer.storage import (
     DEFAULT_HEARTBEAT,
     default_storage,  # noqa: F401 - re-exported: callers import it from here
@@ -78,6 +80,7 @@ class StudyConfig:
     heartbeat: int = DEFAULT_HEARTBEAT  # seconds between heartbeats; a trial silent for 3 of them is retried
     metric: str | None = None  # the objective (metrics.METRICS); None: the study's, else chosen from the data
     artifacts: str | None = None  # artifact store of the best trials' checkpoints and the export (artifacts.py)
+    patience: int = DEFAULT_PATIENCE  # finished trials without a new leader once validation saturated; 0: never stop
 
 
 def open_study(config: StudyConfig, *, backbone: Backbone | None = None,
@@ -235,7 +238,8 @@ class _Objective:
 
 def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *, study: optuna.Study | None = None,
               on_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> optuna.Study:
-    """Run trials until the study has `budget` finished trials (or `timeout` passes).
+    """Run trials until the study has `budget` finished trials (or `timeout` passes, or its validation score
+    saturated: `saturation.py`).
 
     `study` is the already opened study of `config` (see `open_study`); `on_trial` runs after every trial.
     Other processes may work on the same study: the budget is shared, and this call returns when the study
@@ -256,12 +260,14 @@ def run_study(config: StudyConfig, backbone: Backbone, cache: ActivationCache, *
         if on_trial is not None:
             on_trial(study, trial)
         fail_lost_trials(study)
-        if not count(study).slot_free(config.budget) or objective.failures >= config.budget:
+        if (not count(study).slot_free(config.budget) or objective.failures >= config.budget
+                or saturation_stop(study, config.patience)):
             study.stop()
 
     deadline = None if config.timeout is None else time.monotonic() + config.timeout
     try:
-        while objective.failures < config.budget and wait_for_slot(study, config.budget, deadline=deadline):
+        while (objective.failures < config.budget and not saturation_stop(study, config.patience)
+               and wait_for_slot(study, config.budget, deadline=deadline)):
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 study.optimize(objective, n_trials=None, timeout=timeout, callbacks=[after_trial],

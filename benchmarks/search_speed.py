@@ -52,7 +52,7 @@ def ours(trials: int, out: Path) -> tuple[float, float, optuna.Study]:
     backbone = get_backbone("efficientnet_lite0")
     data = load_data("digits")
     cache = ActivationCache(backbone, data, folder=out / "cache")
-    config = StudyConfig(study_name="ours", storage=default_storage(out), out=out, budget=trials)
+    config = StudyConfig(study_name="ours", storage=default_storage(out), out=out, budget=trials, patience=0)
     study = run_study(config, backbone, cache)
     return time.perf_counter() - start, best_trial(study).value, study
 
@@ -67,7 +67,7 @@ def naive(trials: int, out: Path, log) -> tuple[float, float]:
     prior_cache = ActivationCache(backbone, data)  # the space and first trials are the same as ours
     prior = build_prior(prior_cache)
     del prior_cache
-    config = StudyConfig(study_name="naive", storage=default_storage(out), out=out, budget=trials)
+    config = StudyConfig(study_name="naive", storage=default_storage(out), out=out, budget=trials, patience=0)
     study = open_study(config)
     study.pruner = optuna.pruners.NopPruner()
     for s in prior.first_strategies:

@@ -63,6 +63,8 @@ sys.path.insert(0, str(HERE))
 
 import suite_data  # noqa: E402  (a sibling module, not a package)
 
+from autotransfer.defaults import DEFAULT_PATIENCE  # noqa: E402
+
 COLUMNS = ("search", "recipes", "hand", "fastai", "fastai_bn0.01")
 PEER_COLUMNS = ("hand", "fastai", "fastai_bn0.01")
 FASTAI_MISSING = "fastai not installed: pip install -e '.[bench]'"
@@ -79,7 +81,8 @@ def settings(column: str, args: argparse.Namespace, data: str) -> dict:
     version = suite_data.SPECS[data].version
     if column == "search":
         return dict(data_version=version, seed=args.seed, budget=args.budget, max_steps=args.max_steps,
-                    refit=args.refit, timeout=args.search_timeout, image_size=args.image_size)
+                    refit=args.refit, timeout=args.search_timeout, image_size=args.image_size,
+                    patience=args.patience)
     if column == "recipes":
         return dict(data_version=version, seed=args.seed, max_steps=args.max_steps)
     if column == "hand":
@@ -91,7 +94,7 @@ def command(column: str, data_dir: Path, out: Path, args: argparse.Namespace) ->
     py = sys.executable
     if column == "search":
         cmd = [py, "-m", "autotransfer", "search", str(data_dir), "--budget", str(args.budget), "--out", str(out),
-               "--seed", str(args.seed)]
+               "--seed", str(args.seed), "--patience", str(args.patience)]
         for flag, value in (("--max-steps", args.max_steps), ("--refit", args.refit),
                             ("--timeout", args.search_timeout), ("--image-size", args.image_size)):
             if value is not None:
@@ -250,7 +253,10 @@ def latest(records: list[dict], args: argparse.Namespace) -> dict[tuple[str, str
     out = {}
     for r in records:
         key = (r.get("data"), r.get("column"))
-        if key[0] in suite_data.SPECS and key[1] in COLUMNS and r.get("settings") == settings(key[1], args, key[0]):
+        stored = r.get("settings")
+        if key[1] == "search" and isinstance(stored, dict):
+            stored = {"patience": 0, **stored}  # cells from before `--patience` ran the whole budget
+        if key[0] in suite_data.SPECS and key[1] in COLUMNS and stored == settings(key[1], args, key[0]):
             out[key] = r
     return out
 
@@ -432,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                       "settings flags; run nothing")
     search = parser.add_argument_group("search column (passed to `autotransfer search`)")
     search.add_argument("--budget", type=_positive(int), default=50, help="finished trials (default: 50)")
+    search.add_argument("--patience", type=int, choices=range(0, 1000), metavar="N", default=DEFAULT_PATIENCE,
+                        help="stop once validation saturated and N trials did not displace the leader; 0 runs the "
+                             f"whole budget (default: {DEFAULT_PATIENCE}, the product's)")
     search.add_argument("--max-steps", type=_positive(int), default=None,
                         help="optimizer steps of a fine-tuning trial; also passed to recipes.py (default: the "
                              "product's ladder from the data size)")

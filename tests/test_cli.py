@@ -190,6 +190,7 @@ def test_corrupt_and_non_image_files_are_skipped_with_a_warning(tmp_path, caplog
                                         (["search", "--budget", "ten"], "whole number, got 'ten'"),
                                         (["search", "--workers", "0"], "e.g. --workers 2"),
                                         (["search", "--max-steps", "0"], "e.g. --max-steps 300"),
+                                        (["search", "--patience", "-1"], "at least 0, got -1; e.g. --patience 10"),
                                         (["recommend", "--max-steps", "x"], "whole number, got 'x'")])
 def test_bad_budget_is_rejected_by_the_parser(argv, hint, capsys):
     with pytest.raises(SystemExit) as exc:

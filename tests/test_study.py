@@ -110,3 +110,28 @@ def test_a_new_best_checkpoint_leaves_the_files_of_trials_still_running(tmp_path
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["trial_1.pt", "trial_2.pt"]
     save_checkpoint(tmp_path, 3, result, strategy, keep=[3])
     assert [p.name for p in (tmp_path / "checkpoints").glob("*.pt")] == ["trial_3.pt"]
+
+
+def test_a_saturated_study_stops_early_and_patience_zero_runs_the_whole_budget(tmp_path, tiny, tiny_cache,
+                                                                                 monkeypatch):
+    import dataclasses
+
+    import autotransfer.study as study_module
+    from autotransfer.saturation import saturation_stop
+
+    real = study_module.train_trial
+
+    def perfect(strategy, *args, **kwargs):  # the real trial, scored as if every validation image were right
+        return dataclasses.replace(real(strategy, *args, **kwargs), val_score=1.0)
+
+    monkeypatch.setattr(study_module, "train_trial", perfect)
+    study = run_study(_config(tmp_path, 30, patience=3), tiny, tiny_cache)
+    finished = finished_trials(study)
+    prior = sum(t.user_attrs.get("enqueued") == "prior" for t in study.trials)
+    leader = best_trial(study)
+    assert prior <= finished < 30 and leader.value == 1.0
+    assert sum(t.number > leader.number for t in study.trials) >= 3
+    assert saturation_stop(study, 3) is not None
+    assert not any(t.state == optuna.trial.TrialState.WAITING for t in study.trials)
+    assert finished_trials(run_study(_config(tmp_path, 30, patience=3), tiny, tiny_cache)) == finished  # resumed
+    assert finished_trials(run_study(_config(tmp_path, 30, patience=0), tiny, tiny_cache)) == 30

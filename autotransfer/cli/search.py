@@ -19,7 +19,7 @@ from autotransfer.cli.arguments import (
 )
 from autotransfer.cli.common import Command, prepare
 from autotransfer.cli.output import export_line, print_variants
-from autotransfer.defaults import DEFAULT_REFITS
+from autotransfer.defaults import DEFAULT_PATIENCE, DEFAULT_REFITS
 from autotransfer.errors import EXIT_INTERRUPTED, AutotransferError
 from autotransfer.precision import parse_precisions
 
@@ -52,6 +52,11 @@ class Search(Command):
         parser.add_argument("--storage", default=None, help="Optuna storage URL (default: SQLite in --out)")
         parser.add_argument("--out", type=Path, default=None, help="output folder (default: studies/<study-name>)")
         parser.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+        parser.add_argument("--patience", type=int_at_least("--patience", DEFAULT_PATIENCE, minimum=0),
+                            default=DEFAULT_PATIENCE,
+                            help="once a trial scores the maximum on validation (every image right), stop when "
+                                 "this many later trials did not displace it; 0 runs the whole budget (default: "
+                                 f"{DEFAULT_PATIENCE})")
         parser.add_argument("--seed", type=int, default=0, help="seed of split, sampler and training (default: 0)")
         add_max_steps_argument(parser)
         add_metric_argument(parser)
@@ -76,7 +81,7 @@ class Search(Command):
         config = StudyConfig(study_name=name, storage=args.storage or default_storage(out), out=out,
                              budget=args.budget, seed=args.seed, max_steps=args.max_steps, timeout=args.timeout,
                              device=args.device, heartbeat=args.heartbeat or DEFAULT_HEARTBEAT,
-                             metric=args.metric, artifacts=args.artifacts)
+                             metric=args.metric, artifacts=args.artifacts, patience=args.patience)
         shared = args.storage is not None and not args.storage.startswith("sqlite")  # other machines may join
         source = dict(data=args.data, image_size=cache.data.image_size, seed=args.seed, backbone=backbone.name,
                       weights=args.weights, group_names=backbone.group_names, unlabeled=args.unlabeled,
@@ -99,6 +104,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
     from autotransfer.device import threads_per_worker
     from autotransfer.pipeline import finish_study
     from autotransfer.report import leaderboard, trial_line, write_leaderboard
+    from autotransfer.saturation import saturation_stop
     from autotransfer.studies import record_source
     from autotransfer.study import FINISHED, best_trial, finished_trials, open_study, run_study
     from autotransfer.workers import diversify_sampler, run_workers
@@ -137,6 +143,9 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
               "run the same command again to continue.", file=sys.stderr)
         return EXIT_INTERRUPTED
     bar.close()
+    stopped = saturation_stop(study, config.patience)
+    if stopped:
+        print(stopped, flush=True)
     best = best_trial(study)
     if refits and best is not None and not _export_stored(study, config, best.number, refits, precision, distill):
         from autotransfer.refit import distils, member_count
