@@ -144,7 +144,7 @@ def run_search(config, backbone, cache, *, workers: int = 1, reseed: bool = Fals
         return EXIT_INTERRUPTED
     bar.close()
     stopped = saturation_stop(study, config.patience)
-    if stopped:
+    if stopped and finished_trials(study) < config.budget:  # a full budget did not stop early
         print(stopped, flush=True)
     best = best_trial(study)
     if refits and best is not None and not _export_stored(study, config, best.number, refits, precision, distill):
