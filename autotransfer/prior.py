@@ -196,24 +196,14 @@ def _quadrant_strategy(size: str, similarity: str, scores: list[GroupScore], per
 _DANN = dict(dann_weight=0.1, dann_hidden=256, dann_schedule="ramp")
 
 
-def _with_adapted_twins(candidates: list[Strategy], recommended: Strategy, best_probe: Strategy,
-                        full: Strategy) -> list[Strategy]:
-    """With unlabelled images: AdaBN of the recommended strategy, the best probe and the full fine-tune (those
-    two with DANN when they fine-tune), and the recommended strategy self-trained, each just before the strategy
-    it adapts. The earlier of two tied trials wins (`ranking.py`), so an adapted strategy wins a tie with its
-    unadapted twin: AdaBN of the head gained on all 12 strategies measured on the two pairs of
-    `benchmarks/adapt.py`, and validation scores it before the swap, so a tie is the common case. The kinds keep
-    their order (a probe does not move ahead of the recommended fine-tune)."""
+def _unlabeled_candidates(recommended: Strategy, best_probe: Strategy, full: Strategy) -> list[Strategy]:
+    """First trials with unlabelled images: AdaBN on the best probe (seconds) and on the recommended strategy and
+    the full fine-tune, those two with DANN when they fine-tune; the recommended strategy self-trained."""
     def adapted(s: Strategy) -> Strategy:
         return dataclasses.replace(s, adapt="adabn", **(_DANN if s.trains_backbone else {}))
 
-    twins: dict[Strategy, list[Strategy]] = {}
-    for s, twin in ((recommended, adapted(recommended)),
-                    (recommended, dataclasses.replace(recommended, adapt="pseudo_label", pseudo_fraction=0.5,
-                                                      pseudo_rounds=2)),
-                    (best_probe, adapted(best_probe)), (full, adapted(full))):
-        twins.setdefault(s, []).append(twin)
-    return [t for s in candidates for t in [*twins.pop(s, []), s]]
+    return [adapted(best_probe), adapted(recommended), adapted(full),
+            dataclasses.replace(recommended, adapt="pseudo_label", pseudo_fraction=0.5, pseudo_rounds=2)]
 
 
 def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: int = 0) -> Prior:
@@ -258,7 +248,7 @@ def build_prior(cache: ActivationCache, *, max_steps: int | None = None, seed: i
         Strategy(tap=g, freeze=0, pool="avg", **hand),
     ]
     if space.unlabeled:
-        candidates = _with_adapted_twins(candidates, recommended, best_probe, candidates[-1])
+        candidates[1:1] = _unlabeled_candidates(recommended, best_probe, candidates[-1])
     first = list(dict.fromkeys(candidates))  # de-duplicated, in order
     taps = kept + [s.tap for s in first]  # the space holds every enqueued strategy
     space = dataclasses.replace(space, min_tap=min(taps), max_tap=max(taps))

@@ -223,24 +223,6 @@ def test_dann_trains_against_a_domain_classifier_that_the_exported_model_does_no
     assert 0 < adversarial.reverse_accuracy <= 1
 
 
-def test_the_prior_tries_each_adapted_strategy_just_before_its_unadapted_twin(tiny_module, folders, shifted_cache):
-    from autotransfer.prior import build_prior
-
-    def unadapted(s):
-        return Strategy(**{**_without_adapt(s).to_dict(), "pseudo_fraction": 0.0, "pseudo_rounds": 0})
-
-    labelled_only = ActivationCache(tiny_module, load_data(str(folders / "labelled"), image_size=16))
-    plain = build_prior(labelled_only, max_steps=20).first_strategies
-    first = build_prior(shifted_cache, max_steps=20).first_strategies
-    assert [s for s in first if s.adapt == "none"] == plain, "the same strategies as without, in the same order"
-    for i, s in enumerate(first):
-        if s.adapt != "none":
-            twin = next(t for t in first[i + 1:] if t.adapt == "none")
-            assert unadapted(s) == twin, f"{s.describe()} is not just before {twin.describe()}"
-    assert first[0].adapt != "none" and unadapted(first[0]) == plain[0]
-    assert sorted(s.adapt for s in first if s.adapt != "none") == ["adabn"] * 3 + ["pseudo_label"]
-
-
 def test_without_unlabelled_images_the_objective_is_the_validation_score(tiny, tiny_cache):
     r = train_trial(Strategy(tap=3, freeze=3), tiny, tiny_cache)
     assert r.reverse_accuracy is None and r.objective == r.val_score
