@@ -1,9 +1,10 @@
 """Stopping a search early once its validation score has saturated (`--patience`).
 
 On few-shot data dozens of trials classify every validation image correctly (and, with `--unlabeled`, score
-1.000 by reverse validation too): no later trial can score higher, and only the validation margin's tie-break
-(`ranking.py`) can still change the leader. Trials after that point mostly cost time: on the suite's textures the
-exported trial was done 12 minutes into a 58-minute search. So the search stops when all of these hold:
+1.000 by reverse validation too): no later trial can score higher, and only the tie-break (`ranking.py`: the
+validation margin, and with unlabelled images whether a tied trial adapts) can still change the leader. Trials
+after that point mostly cost time: on the suite's textures the exported trial was done 12 minutes into a
+58-minute search. So the search stops when all of these hold:
 
 - the leader scores the objective's maximum (1.0: every metric of `defaults.METRICS` is a fraction);
 - every strategy the prior queued has run (they are the strongest candidates, and the earliest of a tie wins);

@@ -3,11 +3,13 @@
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from autotransfer.ranking import ranked
+from autotransfer.calibration import Margin
+from autotransfer.ranking import ranked, ranks_above
 
 
-def _trial(number, value, margin=None, se=0.0):
+def _trial(number, value, margin=None, se=0.0, adapt="none", dann_weight=0.0):
     attrs = {} if margin is None else {"val_margin": margin, "val_margin_se": se}
+    attrs["strategy"] = {"tap": 3, "freeze": 0, "adapt": adapt, "dann_weight": dann_weight}
     t = create_trial(state=TrialState.COMPLETE, value=value, user_attrs=attrs)
     t.number = number
     return t
@@ -29,3 +31,26 @@ def test_trials_without_a_margin_rank_last_among_their_score_and_others_are_igno
     trials = [_trial(0, 1.0), _trial(1, 1.0, 0.2, 0.01), pruned]
     assert [t.number for t in ranked(trials)] == [1, 0]
     assert optuna.trial.TrialState.PRUNED not in {t.state for t in ranked(trials)}
+
+
+def test_among_tied_trials_one_that_adapts_to_the_unlabelled_images_comes_first():
+    # the photo patches pair, 2026-12-07: fine-tune 3.153 +- 0.027, the same with AdaBN 3.149 +- 0.020
+    plain, adabn = _trial(5, 1.0, 3.153, 0.027), _trial(14, 1.0, 3.149, 0.020, adapt="adabn")
+    dann = _trial(8, 1.0, 3.080, 0.039, adapt="adabn", dann_weight=0.1)  # outside the tie: the margin decides
+    assert [t.number for t in ranked([plain, dann, adabn])] == [14, 5, 8]
+    only_dann = _trial(3, 1.0, 3.150, 0.02, dann_weight=0.01)
+    assert [t.number for t in ranked([plain, only_dann])] == [3, 5], "DANN alone adapts too"
+    assert [t.number for t in ranked([_trial(1, 0.99, 9.0, 0.1, adapt="adabn"), plain])] == [5, 1], \
+        "the score still comes first"
+
+
+def test_ranks_above_agrees_with_ranked_for_a_new_trial_against_the_best():
+    best = _trial(0, 1.0, 3.0, 0.05)
+    for margin, adapt in [(3.1, "none"), (2.97, "none"), (2.97, "adabn"), (2.9, "adabn"), (3.2, "adabn")]:
+        new = _trial(9, 1.0, margin, 0.05, adapt=adapt)
+        expected = ranked([best, new])[0] is new
+        assert ranks_above(1.0, Margin(margin, 0.05), best, adapts=adapt != "none") == expected, (margin, adapt)
+    adapted_best = _trial(0, 1.0, 3.0, 0.05, adapt="adabn")
+    assert not ranks_above(1.0, Margin(3.02, 0.05), adapted_best, adapts=False)
+    assert ranks_above(1.0, Margin(3.02, 0.05), adapted_best, adapts=True) == (ranked(
+        [adapted_best, _trial(9, 1.0, 3.02, 0.05, adapt="adabn")])[0].number == 9)
