@@ -57,12 +57,14 @@ def ranked(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.trial.Froz
     return order
 
 
-def ranks_above(score: float, margin: Margin, best: optuna.trial.FrozenTrial | None, adapts: bool = False) -> bool:
-    """Whether a new result would rank above `best` (the rule of `ranked` for two trials: an equal score needs
-    a margin better by more than its standard error, or, when only the new trial adapts, one within it, since
-    the earlier trial wins a tie)."""
-    if best is None or score != best.value:
-        return best is None or score > best.value
-    if adapts and not _adapts(best):
-        return margin.mean >= _margin(best) - best.user_attrs.get("val_margin_se", 0.0)
-    return margin.mean - margin.se > _margin(best)
+def ranks_above(number: int, score: float, margin: Margin, strategy: dict[str, Any],
+                best: optuna.trial.FrozenTrial | None) -> bool:
+    """Whether trial `number`, just scored (`score`, `margin`, its `strategy` as a dict) and not yet stored as
+    complete, ranks above `best`: `ranked` of the two, so the weights the search keeps are those the export picks
+    (with parallel workers the new trial may be the earlier of the two)."""
+    if best is None:
+        return True
+    new = optuna.trial.create_trial(value=score, user_attrs={"val_margin": margin.mean, "val_margin_se": margin.se,
+                                                             "strategy": strategy})
+    new.number = number
+    return ranked([best, new])[0] is new

@@ -43,7 +43,7 @@ from autotransfer.fidelity import REDUCTION, StepLadder
 from autotransfer.metrics import choose_metric
 from autotransfer.optuna_compat import finished_elsewhere, trial_by_number
 from autotransfer.prior import build_prior
-from autotransfer.ranking import adapts, ranked, ranks_above
+from autotransfer.ranking import ranked, ranks_above
 from autotransfer.saturation import saturation_stop
 from autotransfer.storage import (
     DEFAULT_HEARTBEAT,
@@ -228,7 +228,8 @@ class _Objective:
             trial.set_user_attr("val_score", result.val_score)
             trial.set_user_attr("reverse_accuracy", result.reverse_accuracy)
         # other workers' trials count too: keep only the study's best weights
-        if ranks_above(result.objective, result.val_margin, best_trial(self.study), adapts(strategy.to_dict())):
+        if ranks_above(trial.number, result.objective, result.val_margin, strategy.to_dict(),
+                       best_trial(self.study)):
             running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             save_checkpoint(self.config.out, trial.number, result, strategy, keep=[t.number for t in running])
             if self.store is not None:  # other machines and later commands load it instead of training again
