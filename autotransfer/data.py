@@ -78,7 +78,12 @@ class ImageData:
         return len(self.split.get(UNLABELED, ()))
 
     def subset(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of `split`; a split's rows are contiguous, so its images are a view (images mapped
+        from a file stay there until read)."""
         idx = self.split[split]
+        if len(idx) and int(idx[-1]) - int(idx[0]) + 1 == len(idx):
+            rows = slice(int(idx[0]), int(idx[-1]) + 1)
+            return self.images[rows], self.labels[rows]
         return self.images[idx], self.labels[idx]
 
     def __reduce__(self):

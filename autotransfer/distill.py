@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotransfer.backbones import Backbone
-from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise, rows_per_batch
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache, NormalisedImages, normalise, rows_per_batch
 from autotransfer.model import TransferModel
 from autotransfer.refit import check_member, refit_schedule
 from autotransfer.strategy import Strategy
@@ -162,8 +162,10 @@ def _kl_to(teacher: nn.Module, student: nn.Module, images: torch.Tensor, backbon
 
 
 @torch.no_grad()
-def held_out_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` (on the CPU, eval mode) on normalised images `x` with labels `y`."""
+def held_out_accuracy(model: nn.Module, x: torch.Tensor | NormalisedImages, y: torch.Tensor, batch_size: int = 256,
+                      ) -> float:
+    """Top-1 accuracy of `model` (on the CPU, eval mode) on normalised images `x` (or uint8 ones seen as such)
+    with labels `y`."""
     model = model.cpu().eval()
     batch_size = rows_per_batch(x.shape[1:], most=batch_size)
     correct = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())

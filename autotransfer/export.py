@@ -20,7 +20,7 @@ from autotransfer.atomic import replacing_file
 from autotransfer.errors import ExportError
 from autotransfer.metrics import per_class_recall, score
 from autotransfer.progress import progress
-from autotransfer.runtime import batch_slices, cpu_session, read_metadata, run_batched  # noqa: F401 - re-exported
+from autotransfer.runtime import Rows, batch_slices, cpu_session, read_metadata, run_batched  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 # Export fails when any |onnxruntime - PyTorch| logit difference (fp32, CPU) exceeds ATOL + RTOL * max |logit|.
@@ -47,18 +47,19 @@ def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata
     return path
 
 
-def verify(model: torch.nn.Module, path: Path, x: torch.Tensor, y: torch.Tensor, *,
+def verify(model: torch.nn.Module, path: Path, x: torch.Tensor | Rows, y: torch.Tensor, *,
            batch_size: int = 64, atol: float = PARITY_ATOL, rtol: float = PARITY_RTOL,
            class_names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run `x` through PyTorch and onnxruntime in batches of two sizes; return diff and ORT accuracy, balanced
-    accuracy, macro F1 and per-class recall (keyed by `class_names`, default "0", "1", ...; null: no example).
+    """Run `x` (normalised images, or `features.NormalisedImages`) through PyTorch and onnxruntime in batches of
+    two sizes; return diff and ORT accuracy, balanced accuracy, macro F1 and per-class recall (keyed by
+    `class_names`, default "0", "1", ...; null: no example).
 
     Raises ExportError when any logit differs by more than `atol + rtol * max |logit|`.
     """
     model = model.cpu().eval()
     sizes = [batch_size, 1] if len(x) > batch_size else [max(1, len(x) - 1), 1]  # both a full and a 1-row batch
     with progress(len(x), "export: test split through onnxruntime", "images") as shown:
-        got = run_batched(cpu_session(path), x.numpy(), sizes=sizes, on_batch=shown.update)
+        got = run_batched(cpu_session(path), x, sizes=sizes, on_batch=shown.update)
     ref = []
     with torch.no_grad(), progress(len(x), "export: test split through PyTorch (parity)", "images") as shown:
         for rows in batch_slices(len(x), sizes):

@@ -23,7 +23,7 @@ from autotransfer.device import pick_device
 from autotransfer.distill import TOLERANCE, Recipe, distil, held_out_accuracy
 from autotransfer.errors import AutotransferError
 from autotransfer.export import export_onnx, verify
-from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache, NormalisedImages, normalise
 from autotransfer.precision import CALIBRATION_IMAGES, check_variant, make_variant, parse_precisions
 from autotransfer.progress import phase
 from autotransfer.refit import distils, refit
@@ -146,7 +146,7 @@ def _distilled(ensemble: nn.Module, strategy: Strategy, backbone: Backbone, cach
                      metric=study.user_attrs.get("metric", "accuracy"),
                      reference_train_accuracy=trial.user_attrs.get("train_accuracy"))
     x_test, y_test = cache.data.subset("test")
-    x_test = normalise(x_test, backbone.mean, backbone.std)
+    x_test = NormalisedImages(x_test, backbone.mean, backbone.std)
     teacher_acc = held_out_accuracy(ensemble, x_test, y_test)
     record = {"ensemble_test_accuracy": teacher_acc, **student.recipe.as_dict(),
               "candidates_val": student.candidates,
@@ -195,7 +195,7 @@ def _onnx_files(model: nn.Module, path: Path, data: ImageData, backbone: Backbon
     with phase("export: ONNX export"):
         export_onnx(model, path, image_size=data.image_size, metadata=metadata)
     x_test, y_test = data.subset("test")
-    x_test = normalise(x_test, backbone.mean, backbone.std)
+    x_test = NormalisedImages(x_test, backbone.mean, backbone.std)
     checks = {**verify(model, path, x_test, y_test, class_names=data.classes), "test_images": len(y_test)}
     variants = {}
     for p in precisions[1:]:
@@ -204,7 +204,7 @@ def _onnx_files(model: nn.Module, path: Path, data: ImageData, backbone: Backbon
             int8 = p == "int8"
             variant = make_variant(path, p, _calibration_images(data, backbone) if int8 else None,
                                    _check_images(data, backbone) if int8 else None)
-        variants[p] = check_variant(variant, path, x_test.numpy(), y_test.numpy())
+        variants[p] = check_variant(variant, path, x_test, y_test.numpy())
     return checks, variants
 
 
@@ -215,11 +215,10 @@ def _calibration_images(data: ImageData, backbone: Backbone, n: int = CALIBRATIO
     return normalise(x[pick], backbone.mean, backbone.std).numpy()
 
 
-def _check_images(data: ImageData, backbone: Backbone) -> np.ndarray:
+def _check_images(data: ImageData, backbone: Backbone) -> NormalisedImages:
     """The validation images, preprocessed: int8 keeps layers in float until it agrees with fp32 on them (never
     the test split, which measures the result; a refit model has seen them, so there the check is easier)."""
-    x, _ = data.subset("val")
-    return normalise(x, backbone.mean, backbone.std).numpy()
+    return NormalisedImages(data.subset("val")[0], backbone.mean, backbone.std)
 
 
 def finish_study(study: optuna.Study, config: StudyConfig, backbone: Backbone, cache: ActivationCache, *,

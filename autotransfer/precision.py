@@ -15,7 +15,7 @@ import numpy as np
 
 from autotransfer.errors import ConfigError
 from autotransfer.progress import progress
-from autotransfer.runtime import cpu_session, run_batched
+from autotransfer.runtime import Rows, cpu_session, run_batched
 
 logger = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -66,7 +66,7 @@ def _make_fp16(fp32_path: Path, dest: Path) -> None:
 
 
 def _make_int8(fp32_path: Path, dest: Path, calibration_images: np.ndarray,
-               check_images: np.ndarray | None = None) -> dict[str, object]:
+               check_images: np.ndarray | Rows | None = None) -> dict[str, object]:
     """Static QDQ quantisation (per-channel int8 weights, uint8 activations, MinMax), mixed with float where it
     loses the fp32 model's predictions; returns what was kept in float and the agreement on `check_images`.
 
@@ -216,12 +216,13 @@ def has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def _top1(path: Path, images: np.ndarray) -> np.ndarray:
-    return run_batched(cpu_session(path), np.ascontiguousarray(images, np.float32)).argmax(1)
+def _top1(path: Path, images: np.ndarray | Rows) -> np.ndarray:
+    images = np.ascontiguousarray(images, np.float32) if isinstance(images, np.ndarray) else images
+    return run_batched(cpu_session(path), images).argmax(1)
 
 
 def make_variant(fp32_path: Path, precision: str, calibration_images: np.ndarray | None = None,
-                 check_images: np.ndarray | None = None) -> Path:
+                 check_images: np.ndarray | Rows | None = None) -> Path:
     """Write the `precision` variant of `fp32_path` beside it and return its path.
 
     `calibration_images`: preprocessed float32 [N,3,S,S] TRAIN images (int8 only; test images would leak).
@@ -238,13 +239,13 @@ def make_variant(fp32_path: Path, precision: str, calibration_images: np.ndarray
     return dest
 
 
-def check_variant(variant: Path, fp32_path: Path, x: np.ndarray, y: Sequence[int] | np.ndarray, *,
+def check_variant(variant: Path, fp32_path: Path, x: np.ndarray | Rows, y: Sequence[int] | np.ndarray, *,
                   max_drop: float = MAX_ACCURACY_DROP) -> dict[str, object]:
     """Test-split accuracy of `variant` and its top-1 agreement with fp32, both through onnxruntime (CPU).
 
     `degraded` is True when it is more than `max_drop` (absolute) less accurate than fp32.
     """
-    x = np.ascontiguousarray(x, np.float32)
+    x = np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x  # else float32 rows by the slice
     y = np.asarray(y)
     outputs = []
     for path in (fp32_path, variant):

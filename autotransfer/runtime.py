@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -125,21 +125,30 @@ def batch_slices(n: int, sizes: Sequence[int] = (64,)) -> list[slice]:
     return slices or [slice(0, 0)]
 
 
-def run_batched(session, x: np.ndarray, *, sizes: Sequence[int] = (64,), pad: bool = False,
+class Rows(Protocol):
+    """Rows that are read a slice at a time (an array, or `features.NormalisedImages`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: slice) -> Any: ...
+
+
+def run_batched(session, x: np.ndarray | Rows, *, sizes: Sequence[int] = (64,), pad: bool = False,
                 on_batch: Callable[[int], None] | None = None) -> np.ndarray:
     """The session's first output for the rows of `x`, run in the batches of `batch_slices(len(x), sizes)`.
 
     `pad=True` is for a model with a fixed batch size `sizes[0]`: a shorter batch is padded with zero rows,
-    whose outputs are dropped. `x` must already have the dtype the model takes. `on_batch(rows)` runs after
+    whose outputs are dropped. `x` must already have the dtype the model takes; it may be anything whose slices
+    are arrays (`features.NormalisedImages`: a batch is normalised when it is run). `on_batch(rows)` runs after
     each batch (a progress's `update`).
     """
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     outputs = []
     for rows in batch_slices(len(x), sizes):
-        batch = x[rows]
+        batch = np.ascontiguousarray(x[rows])
         n = len(batch)
         if pad and n < sizes[0]:
-            batch = np.concatenate([batch, np.zeros((sizes[0] - n, *x.shape[1:]), x.dtype)])
+            batch = np.concatenate([batch, np.zeros((sizes[0] - n, *batch.shape[1:]), batch.dtype)])
         outputs.append(session.run([output_name], {input_name: batch})[0][:n])
         if on_batch is not None:
             on_batch(n)

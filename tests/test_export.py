@@ -5,7 +5,7 @@ import torch
 
 from autotransfer.errors import ExportError
 from autotransfer.export import cpu_session, export_onnx, read_metadata, verify
-from autotransfer.features import normalise
+from autotransfer.features import NormalisedImages, normalise
 from autotransfer.model import build_model
 from autotransfer.strategy import Strategy
 
@@ -41,6 +41,30 @@ def test_verify_reports_parity_and_accuracy(tiny, digits16, tmp_path):
     with torch.no_grad():
         scale = model(normalise(x, tiny.mean, tiny.std)).abs().max().item()
     assert out["onnx_parity_tolerance"] == pytest.approx(1e-4 + 1e-5 * scale, rel=1e-3)
+
+
+class _Counted(NormalisedImages):
+    """Records how many rows each read normalises."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.reads: list[int] = []
+
+    def __getitem__(self, rows):
+        batch = super().__getitem__(rows)
+        self.reads.append(len(batch))
+        return batch
+
+
+def test_verify_normalises_the_test_split_a_batch_at_a_time_with_the_same_figures(tiny, digits16, tmp_path):
+    model = build_model(Strategy(tap=2, freeze=2), tiny, 10).eval()
+    path = export_onnx(model, tmp_path / "m.onnx", image_size=16, metadata={})
+    x, y = digits16.subset("test")
+    assert x.untyped_storage().data_ptr() == digits16.images.untyped_storage().data_ptr(), "a view, not a copy"
+    whole = verify(model, path, normalise(x, tiny.mean, tiny.std), y, batch_size=16)
+    rows = _Counted(x, tiny.mean, tiny.std)
+    assert verify(model, path, rows, y, batch_size=16) == whole
+    assert sum(rows.reads) == 2 * len(x) and max(rows.reads) == 16, "onnxruntime and PyTorch each read every row once"
 
 
 def test_verify_fails_loudly_when_onnx_and_torch_disagree(tiny, digits16, tmp_path):
