@@ -7,7 +7,10 @@ its statistics from the unlabelled images' features, and the exported model, whi
 setting, keeps them. The labelled validation split is scored before the swap, with its own domain's statistics.
 Only the head's: re-estimating the fine-tuned groups' BatchNorm layers too lost up to 37 points of target accuracy
 on the digits pair of `benchmarks/adapt.py` (0.625 -> 0.255 for a full fine-tune), while the head's alone gained
-on all 12 strategies measured on two pairs (digits +2 to +21 points, photo patches +0.7 to +3.3).
+on all 12 strategies measured on two pairs (digits +2 to +21 points, photo patches +0.7 to +3.3). The frozen
+backbone's own BatchNorm layers, re-estimated on the unlabelled images, lose too (linear probes on stage4,
+stage6 and stage7, 2026-12-07): photo patches 0.83-0.86 against 0.91-0.95 for the head's alone, digits
+0.15-0.25 against 0.47-0.60; re-estimated on the source images as well, 0.83-0.90 and 0.31-0.34.
 
 Self-training: fit on the labelled images, label the unlabelled ones with the model's own predictions, keep the
 most confident `pseudo_fraction` of each predicted class (a per-class quota, so one dominant class cannot take
