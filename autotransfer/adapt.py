@@ -10,7 +10,7 @@ on the digits pair of `benchmarks/adapt.py` (0.625 -> 0.255 for a full fine-tune
 on all 12 strategies measured on two pairs (digits +2 to +21 points, photo patches +0.7 to +3.3). The frozen
 backbone's own BatchNorm layers, re-estimated on the unlabelled images, lose too (linear probes on stage4,
 stage6 and stage7, 2026-12-07): photo patches 0.83-0.86 against 0.91-0.95 for the head's alone, digits
-0.15-0.25 against 0.47-0.60; re-estimated on the source images as well, 0.83-0.90 and 0.31-0.34.
+0.15-0.25 against 0.41-0.60; re-estimated on the source images as well, 0.83-0.90 and 0.31-0.34.
 
 Self-training: fit on the labelled images, label the unlabelled ones with the model's own predictions, keep the
 most confident `pseudo_fraction` of each predicted class (a per-class quota, so one dominant class cannot take
