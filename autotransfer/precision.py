@@ -216,9 +216,13 @@ def has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def _float32(x: np.ndarray | Rows) -> np.ndarray | Rows:
+    """An array as contiguous float32; `features.NormalisedImages` gives float32 rows by the slice already."""
+    return np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x
+
+
 def _top1(path: Path, images: np.ndarray | Rows) -> np.ndarray:
-    images = np.ascontiguousarray(images, np.float32) if isinstance(images, np.ndarray) else images
-    return run_batched(cpu_session(path), images).argmax(1)
+    return run_batched(cpu_session(path), _float32(images)).argmax(1)
 
 
 def make_variant(fp32_path: Path, precision: str, calibration_images: np.ndarray | None = None,
@@ -245,7 +249,7 @@ def check_variant(variant: Path, fp32_path: Path, x: np.ndarray | Rows, y: Seque
 
     `degraded` is True when it is more than `max_drop` (absolute) less accurate than fp32.
     """
-    x = np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x  # else float32 rows by the slice
+    x = _float32(x)
     y = np.asarray(y)
     outputs = []
     for path in (fp32_path, variant):

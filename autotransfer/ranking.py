@@ -32,14 +32,10 @@ def _margin(trial: optuna.trial.FrozenTrial) -> float:
     return trial.user_attrs.get("val_margin", -math.inf)
 
 
-def adapts(strategy: dict[str, Any]) -> bool:
-    """Whether a strategy (as stored in a trial's `strategy` attribute) learns from the unlabelled images (see
-    `adapt.py`, `dann.py`)."""
-    return strategy.get("adapt", "none") != "none" or strategy.get("dann_weight", 0.0) > 0
-
-
 def _adapts(trial: optuna.trial.FrozenTrial) -> bool:
-    return adapts(trial.user_attrs.get("strategy", {}))
+    """Whether the trial's strategy learns from the unlabelled images (see `adapt.py`, `dann.py`)."""
+    strategy = trial.user_attrs.get("strategy", {})
+    return strategy.get("adapt", "none") != "none" or strategy.get("dann_weight", 0.0) > 0
 
 
 def ranked(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
