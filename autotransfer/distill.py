@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from autotransfer.backbones import Backbone
-from autotransfer.features import TRAIN_AND_VAL, ActivationCache, NormalisedImages, normalise, rows_per_batch
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache
 from autotransfer.model import TransferModel
+from autotransfer.preprocess import NormalisedImages, normalise, rows_per_batch
 from autotransfer.refit import check_member, refit_schedule
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import TrainingDiverged, train_trial

@@ -1,7 +1,7 @@
 """Scoring a model on stored rows of the activation cache (images or activations at any boundary).
 
 Everything that scores a trial goes through `logits_of`, one batched no-grad pass whose batches are sized by
-their values (`features.rows_per_batch`), so memory does not follow the image size.
+their values (`preprocess.rows_per_batch`), so memory does not follow the image size.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 
 from autotransfer.calibration import Margin, validation_margin
 from autotransfer.device import autocast
-from autotransfer.features import ActivationCache, rows_per_batch
+from autotransfer.features import ActivationCache
 from autotransfer.metrics import score
+from autotransfer.preprocess import rows_per_batch
 
 if TYPE_CHECKING:
     from autotransfer.model import TransferModel

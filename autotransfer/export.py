@@ -50,7 +50,7 @@ def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata
 def verify(model: torch.nn.Module, path: Path, x: torch.Tensor | Rows, y: torch.Tensor, *,
            batch_size: int = 64, atol: float = PARITY_ATOL, rtol: float = PARITY_RTOL,
            class_names: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Run `x` (normalised images, or `features.NormalisedImages`) through PyTorch and onnxruntime in batches of
+    """Run `x` (normalised images, or `preprocess.NormalisedImages`) through PyTorch and onnxruntime in batches of
     two sizes; return diff and ORT accuracy, balanced accuracy, macro F1 and per-class recall (keyed by
     `class_names`, default "0", "1", ...; null: no example).
 

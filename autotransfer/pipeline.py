@@ -23,8 +23,9 @@ from autotransfer.device import pick_device
 from autotransfer.distill import TOLERANCE, Recipe, distil, held_out_accuracy
 from autotransfer.errors import AutotransferError
 from autotransfer.export import export_onnx, verify
-from autotransfer.features import TRAIN_AND_VAL, ActivationCache, NormalisedImages, normalise
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache
 from autotransfer.precision import CALIBRATION_IMAGES, check_variant, make_variant, parse_precisions
+from autotransfer.preprocess import NormalisedImages, normalise
 from autotransfer.progress import phase
 from autotransfer.refit import distils, refit
 from autotransfer.report import leaderboard, write_leaderboard

@@ -217,7 +217,7 @@ def has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def _float32(x: np.ndarray | Rows) -> np.ndarray | Rows:
-    """An array as contiguous float32; `features.NormalisedImages` gives float32 rows by the slice already."""
+    """An array as contiguous float32; `preprocess.NormalisedImages` gives float32 rows by the slice already."""
     return np.ascontiguousarray(x, np.float32) if isinstance(x, np.ndarray) else x
 
 

@@ -126,7 +126,7 @@ def batch_slices(n: int, sizes: Sequence[int] = (64,)) -> list[slice]:
 
 
 class Rows(Protocol):
-    """Rows that are read a slice at a time (an array, or `features.NormalisedImages`)."""
+    """Rows that are read a slice at a time (an array, or `preprocess.NormalisedImages`)."""
 
     def __len__(self) -> int: ...
 
@@ -139,7 +139,7 @@ def run_batched(session, x: np.ndarray | Rows, *, sizes: Sequence[int] = (64,), 
 
     `pad=True` is for a model with a fixed batch size `sizes[0]`: a shorter batch is padded with zero rows,
     whose outputs are dropped. `x` must already have the dtype the model takes; it may be anything whose slices
-    are arrays (`features.NormalisedImages`: a batch is normalised when it is run). `on_batch(rows)` runs after
+    are arrays (`preprocess.NormalisedImages`: a batch is normalised when it is run). `on_batch(rows)` runs after
     each batch (a progress's `update`).
     """
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name

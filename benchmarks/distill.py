@@ -35,7 +35,8 @@ from autotransfer.data import load_data  # noqa: E402
 from autotransfer.device import configure_threads  # noqa: E402
 from autotransfer.distill import CANDIDATES, SoftTargets, distil, held_out_accuracy  # noqa: E402
 from autotransfer.export import export_onnx  # noqa: E402
-from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise  # noqa: E402
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache  # noqa: E402
+from autotransfer.preprocess import normalise  # noqa: E402
 from autotransfer.prior import build_prior  # noqa: E402
 from autotransfer.refit import refit, refit_schedule  # noqa: E402
 from autotransfer.resolution import choose_resolution  # noqa: E402

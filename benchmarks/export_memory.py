@@ -7,8 +7,8 @@ Each side runs in a subprocess of its own, so its `ru_maxrss` is that side alone
 (random pixels: memory does not depend on them), a model of the bundled Lite0's first two groups with a linear
 head (the check's memory is the split's, not the model's), exported to ONNX, then `verify` on
 
-  whole     `features.normalise` of the whole split (float32, 4x the uint8 size), as the export did before
-  batched   `features.NormalisedImages` of it: each batch is normalised when it is run
+  whole     `preprocess.normalise` of the whole split (float32, 4x the uint8 size), as the export did before
+  batched   `preprocess.NormalisedImages` of it: each batch is normalised when it is run
 
 Last line: `whole_mib=<peak RSS> batched_mib=<peak RSS> saved_mib=<difference> split_float_mib=<the split as floats>`.
 """
@@ -30,8 +30,8 @@ def _side(mode: str, images: int, size: int) -> None:
 
     from autotransfer.backbones import get_backbone
     from autotransfer.export import export_onnx, verify
-    from autotransfer.features import NormalisedImages, normalise
     from autotransfer.model import build_model
+    from autotransfer.preprocess import NormalisedImages, normalise
     from autotransfer.strategy import Strategy
 
     backbone = get_backbone("efficientnet_lite0")

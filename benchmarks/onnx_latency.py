@@ -34,9 +34,10 @@ from autotransfer.backbones import get_backbone  # noqa: E402
 from autotransfer.data import load_data  # noqa: E402
 from autotransfer.distill import Recipe, distil  # noqa: E402
 from autotransfer.export import export_onnx, read_metadata  # noqa: E402
-from autotransfer.features import ActivationCache, normalise  # noqa: E402
+from autotransfer.features import ActivationCache  # noqa: E402
 from autotransfer.model import build_model  # noqa: E402
 from autotransfer.precision import check_variant, make_variant  # noqa: E402
+from autotransfer.preprocess import normalise  # noqa: E402
 from autotransfer.refit import refit  # noqa: E402
 from autotransfer.runtime import physical_cores, session_options  # noqa: E402
 from autotransfer.strategy import Strategy  # noqa: E402

@@ -117,7 +117,7 @@ def plain_forward(folder: Path, image_size: int) -> tuple[float, float, int]:
 
     from autotransfer.backbones import get_backbone
     from autotransfer.data import load_data
-    from autotransfer.features import normalise
+    from autotransfer.preprocess import normalise
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     start = time.perf_counter()

@@ -24,7 +24,8 @@ from autotransfer.backbones import get_backbone
 from autotransfer.calibration import validation_margin
 from autotransfer.data import load_data
 from autotransfer.device import configure_threads
-from autotransfer.features import ActivationCache, normalise
+from autotransfer.features import ActivationCache
+from autotransfer.preprocess import normalise
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import train_trial
 

@@ -71,7 +71,7 @@ def _imagenet_top(image: str, k: int) -> list[int]:
 
     from autotransfer.backbones import Lite0Classifier, load_lite0
     from autotransfer.data import to_rgb_square
-    from autotransfer.features import normalise
+    from autotransfer.preprocess import normalise
 
     backbone, fc = load_lite0()
     model = Lite0Classifier(backbone, fc).eval()

@@ -199,7 +199,7 @@ def test_the_decoding_and_the_pass_show_progress(tiny, capsys, monkeypatch):
 
 def test_no_grad_batches_shrink_for_large_rows_and_keep_small_ones_whole():
     """A forward batch of 256 images at 224 px peaked at 3.7 GiB on Lite0: large rows go in smaller batches."""
-    from autotransfer.features import EVAL_BATCH_VALUES, rows_per_batch
+    from autotransfer.preprocess import EVAL_BATCH_VALUES, rows_per_batch
 
     assert rows_per_batch((3, 64, 64)) == 256, "digits at 64 px: batches as before"
     assert rows_per_batch((3, 224, 224)) == 64 and rows_per_batch((3, 448, 448)) == 16

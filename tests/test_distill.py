@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from autotransfer.cli import main
 from autotransfer.distill import CANDIDATES, Recipe, SoftTargets, _kl_to, distil, held_out_accuracy
-from autotransfer.features import ActivationCache, normalise
+from autotransfer.features import ActivationCache
 from autotransfer.model import TransferModel
+from autotransfer.preprocess import normalise
 from autotransfer.refit import Ensemble, distils, refit
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import mix_pairs

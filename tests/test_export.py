@@ -5,8 +5,8 @@ import torch
 
 from autotransfer.errors import ExportError
 from autotransfer.export import cpu_session, export_onnx, read_metadata, verify
-from autotransfer.features import NormalisedImages, normalise
 from autotransfer.model import build_model
+from autotransfer.preprocess import NormalisedImages, normalise
 from autotransfer.strategy import Strategy
 
 

@@ -97,7 +97,7 @@ def _tiny_search(data, out, *extra):
 
 def test_an_imbalanced_export_reports_per_class_recall(tmp_path, capsys, tiny):
     from autotransfer.data import load_data
-    from autotransfer.features import normalise
+    from autotransfer.preprocess import normalise
     from autotransfer.runtime import cpu_session, run_batched
     from tests.conftest import write_imbalanced_digits
 

@@ -9,9 +9,9 @@ from onnx import numpy_helper
 
 from autotransfer.cli import main
 from autotransfer.errors import ConfigError
-from autotransfer.features import normalise
 from autotransfer.precision import check_variant, parse_precisions, variant_path
 from autotransfer.predict import Predictor
+from autotransfer.preprocess import normalise
 from autotransfer.runtime import cpu_session, read_metadata
 from tests.conftest import TINY
 

@@ -9,8 +9,9 @@ import torch
 
 from autotransfer.cli import main
 from autotransfer.export import cpu_session, export_onnx, verify
-from autotransfer.features import TRAIN_AND_VAL, ActivationCache, normalise
+from autotransfer.features import TRAIN_AND_VAL, ActivationCache
 from autotransfer.model import TransferModel
+from autotransfer.preprocess import normalise
 from autotransfer.refit import Ensemble, member_count, refit, refit_schedule
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import train_trial

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from autotransfer.features import ActivationCache, normalise
+from autotransfer.features import ActivationCache
 from autotransfer.model import build_model
+from autotransfer.preprocess import normalise
 from autotransfer.strategy import Strategy
 from autotransfer.trainer import TrainingDiverged, l2sp_penalty, param_groups, train_trial
 
