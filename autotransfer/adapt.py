@@ -25,15 +25,19 @@ accuracy with Spearman 0.95 instead of 0.82, on 6 of the photo patches pair 0.91
 predictions on the unlabelled images are right, in features that mean the same on both sides, scores high; one
 whose predictions there are noise scores near chance, however well it does on the labelled validation split.
 Validation accuracy alone cannot see that, since the labelled validation images come from the labelled setting.
+The reverse head's validation margin (`calibration.py`) goes with its accuracy: it still orders trials once the
+accuracy is 1.000 (see `ranking.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from autotransfer.calibration import Margin, validation_margin
 from autotransfer.heads import build_head
 from autotransfer.probe import set_statistics
 
@@ -77,15 +81,23 @@ def standardised(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-6)
 
 
-def reverse_accuracy(x_unlabeled: torch.Tensor, unlabeled_logits: torch.Tensor, x_val: torch.Tensor,
-                     y_val: torch.Tensor, fit_linear: Callable[[torch.nn.Sequential, torch.Tensor, torch.Tensor], None],
-                     num_classes: int) -> float:
-    """Accuracy on (x_val, y_val) of a linear head fitted on `x_unlabeled` labelled by `unlabeled_logits`, each side
-    standardised by its own statistics."""
+class Reverse(NamedTuple):
+    accuracy: float  # half of the objective with unlabelled images (see `trainer.TrialResult.objective`)
+    margin: Margin  # half of the margin that orders equal objectives (see `ranking.py`)
+
+
+FitLinear = Callable[[nn.Sequential, torch.Tensor, torch.Tensor], None]  # (head, features, labels): fits in place
+
+
+def reverse_validation(x_unlabeled: torch.Tensor, unlabeled_logits: torch.Tensor, x_val: torch.Tensor,
+                       y_val: torch.Tensor, fit_linear: FitLinear, num_classes: int) -> Reverse:
+    """Accuracy and margin on (x_val, y_val) of a linear head fitted on `x_unlabeled` labelled by
+    `unlabeled_logits`, each side standardised by its own statistics."""
     if len(x_unlabeled) < 2 or len(x_val) == 0:
-        return 0.0
+        return Reverse(0.0, Margin(0.0, 0.0))
     x_unlabeled, x_val = standardised(x_unlabeled), standardised(x_val)
     head = build_head("linear", x_unlabeled.shape[1], num_classes)
     fit_linear(head, x_unlabeled.float(), unlabeled_logits.argmax(1))
     with torch.no_grad():
-        return float((head(x_val.float()).argmax(1) == y_val).float().mean())
+        logits = head(x_val.float())
+    return Reverse(float((logits.argmax(1) == y_val).float().mean()), validation_margin(logits, y_val))

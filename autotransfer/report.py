@@ -7,8 +7,8 @@ number), `state` (complete, pruned, fail, running), `val_score` (the objective v
 `metrics.py`; for pruned and running trials the last reported one; with `--unlabeled`, the mean of the
 validation score and `reverse_accuracy`), `val_accuracy` (plain validation accuracy; the same as `val_score` in a
 study whose metric is accuracy), `val_margin` (orders equal scores, see `ranking.py`), `reverse_accuracy`
-(reverse validation on the unlabelled images, see `adapt.py`; empty without them), one column per `Strategy`
-field (tap, freeze, pool, head, ..., class_weight, steps, seed),
+and `reverse_margin` (reverse validation on the unlabelled images, see `adapt.py`; empty without them), one
+column per `Strategy` field (tap, freeze, pool, head, ..., class_weight, steps, seed),
 `steps_run` (optimizer steps of a fine-tune; 0 for a head fitted to convergence), `pruned_at` (steps run when
 pruned, empty otherwise), `seconds`, `note` (why it failed).
 """
@@ -28,9 +28,8 @@ from autotransfer.strategy import Strategy
 STRATEGY_COLUMNS = [f for f in Strategy.__dataclass_fields__]
 # Whole-number fields stay whole numbers (nullable) even when a failed trial has no strategy.
 _INT_COLUMNS = {f.name: "Int64" for f in Strategy.__dataclass_fields__.values() if f.type in ("int", int)}
-COLUMNS = ["rank", "trial", "state", "val_score", "val_accuracy", "val_margin", "reverse_accuracy", *STRATEGY_COLUMNS,
-           "steps_run",
-           "pruned_at", "seconds", "note"]
+COLUMNS = ["rank", "trial", "state", "val_score", "val_accuracy", "val_margin", "reverse_accuracy", "reverse_margin",
+           *STRATEGY_COLUMNS, "steps_run", "pruned_at", "seconds", "note"]
 TABLE_FILES = ("leaderboard.csv", "leaderboard.md", "leaderboard.html", "leaderboard.parquet", "leaderboard.json")
 
 
@@ -42,6 +41,7 @@ def _row(t: optuna.trial.FrozenTrial, metric: str) -> dict:
     accuracy = t.user_attrs.get("val_accuracy", value if metric == "accuracy" else None)
     return {"trial": t.number, "state": t.state.name.lower(), "val_score": value, "val_accuracy": accuracy,
             "val_margin": t.user_attrs.get("val_margin"), "reverse_accuracy": t.user_attrs.get("reverse_accuracy"),
+            "reverse_margin": t.user_attrs.get("reverse_margin"),
             **t.user_attrs.get("strategy", {}), "steps_run": steps,
             "pruned_at": steps if t.state == optuna.trial.TrialState.PRUNED else None,
             "seconds": t.user_attrs.get("seconds"), "note": str(note).splitlines()[0][:120] if note else ""}
@@ -95,8 +95,8 @@ def leaderboard(study: optuna.Study | str, storage: str | None = None) -> pd.Dat
     rows = [_row(t, metric) for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.WAITING]
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "rank"])
     df = df.astype({"trial": "int64", "val_score": "float64", "val_accuracy": "float64", "val_margin": "float64",
-                    "reverse_accuracy": "float64", **_INT_COLUMNS, "steps_run": "Int64", "pruned_at": "Int64",
-                    "seconds": "float64"})
+                    "reverse_accuracy": "float64", "reverse_margin": "float64", **_INT_COLUMNS, "steps_run": "Int64",
+                    "pruned_at": "Int64", "seconds": "float64"})
     position = {t.number: i for i, t in enumerate(ranked(study.get_trials(deepcopy=False)))}
     df["_order"] = [position.get(n, len(position)) for n in df["trial"]]  # complete trials, then the rest
     df = df.sort_values(["_order", "val_score", "trial"], ascending=[True, False, True], na_position="last")

@@ -222,13 +222,14 @@ class _Objective:
         trial.set_user_attr("steps_run", result.steps_run)
         trial.set_user_attr("train_accuracy", result.train_accuracy)
         trial.set_user_attr("val_accuracy", result.val_accuracy)
-        trial.set_user_attr("val_margin", result.val_margin.mean)
-        trial.set_user_attr("val_margin_se", result.val_margin.se)
-        if result.reverse_accuracy is not None:  # the objective averages it with the validation score
-            trial.set_user_attr("val_score", result.val_score)
-            trial.set_user_attr("reverse_accuracy", result.reverse_accuracy)
+        scores = {"val_margin": result.val_margin.mean, "val_margin_se": result.val_margin.se}
+        if result.reverse is not None:  # the objective averages it with the validation score, the margins too
+            scores |= {"val_score": result.val_score, "reverse_accuracy": result.reverse.accuracy,
+                       "reverse_margin": result.reverse.margin.mean, "reverse_margin_se": result.reverse.margin.se}
+        for key, value in scores.items():
+            trial.set_user_attr(key, value)
         # other workers' trials count too: keep only the study's best weights
-        if ranks_above(trial.number, result.objective, result.val_margin, strategy.to_dict(),
+        if ranks_above(trial.number, result.objective, {**scores, "strategy": strategy.to_dict()},
                        best_trial(self.study)):
             running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             save_checkpoint(self.config.out, trial.number, result, strategy, keep=[t.number for t in running])

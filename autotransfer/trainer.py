@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from autotransfer.adapt import adabn
+from autotransfer.adapt import Reverse, adabn
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
 from autotransfer.calibration import Margin
@@ -74,14 +74,18 @@ class TrialResult:
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, validation score) at each report
     val_score: float | None = None  # the study's metric (`metric`) on the validation split
     metric: str = "accuracy"
-    reverse_accuracy: float | None = None  # with unlabelled images: reverse validation (see `adapt.py`)
+    reverse: Reverse | None = None  # with unlabelled images: reverse validation (see `adapt.py`)
 
     @property
     def objective(self) -> float:
         """What the search maximises: `val_score`, averaged with the reverse validation when there is one."""
-        if self.reverse_accuracy is None:
+        if self.reverse is None:
             return self.val_score
-        return 0.5 * (self.val_score + self.reverse_accuracy)
+        return 0.5 * (self.val_score + self.reverse.accuracy)
+
+    @property
+    def reverse_accuracy(self) -> float | None:
+        return None if self.reverse is None else self.reverse.accuracy
 
 
 def param_groups(model: TransferModel, strategy: Strategy) -> list[dict]:
@@ -180,7 +184,7 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     if s.trains_backbone:
         result = _fine_tune(model, s, cache, fit_split, device, report, report_at, use_cache, start_time, metric,
                             description, soft_loss, pseudo)
-        result.reverse_accuracy = finish_fine_tune(result.model, s, cache, use_cache, scored)
+        result.reverse = finish_fine_tune(result.model, s, cache, use_cache, scored)
         return result
     x_val, y_val = pooled_features(model, cache, "val", use_cache, device)
     with torch.no_grad():
@@ -194,7 +198,7 @@ def train_trial(strategy: Strategy, backbone: Backbone, cache: ActivationCache, 
     model = model.eval().to("cpu", memory_format=torch.contiguous_format)
     return TrialResult(val_accuracy=val, val_margin=margin, train_accuracy=train, steps_run=0,
                        seconds=time.perf_counter() - start_time, model=model, val_score=val_score, metric=metric,
-                       reverse_accuracy=rev)
+                       reverse=rev)
 
 
 def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callable[[], None]):

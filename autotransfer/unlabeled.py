@@ -10,7 +10,7 @@ import contextlib
 import torch
 from torch import nn
 
-from autotransfer.adapt import adabn, reverse_accuracy, self_train
+from autotransfer.adapt import Reverse, adabn, reverse_validation, self_train
 from autotransfer.data import UNLABELED
 from autotransfer.device import threads
 from autotransfer.evaluation import logits_of, pooled_features
@@ -47,16 +47,16 @@ def fit_probe(model: TransferModel, s: Strategy, cache: ActivationCache, x_fit: 
 
 
 def reverse(head: nn.Module, x_unlabeled: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-            cache: ActivationCache, device: torch.device) -> float:
+            cache: ActivationCache, device: torch.device) -> Reverse:
     """Reverse validation (see `adapt.py`) of `head` on pooled features of the unlabelled and validation images."""
     logits = logits_of(head, x_unlabeled, cache, device)
     with _single_thread(device):
-        return reverse_accuracy(x_unlabeled, logits, x_val, y_val, lambda h, x, y: fit_head(h, x, y, _REVERSE_HEAD),
-                                len(cache.data.classes))
+        return reverse_validation(x_unlabeled, logits, x_val, y_val, lambda h, x, y: fit_head(h, x, y, _REVERSE_HEAD),
+                                  len(cache.data.classes))
 
 
 def finish_fine_tune(model: TransferModel, s: Strategy, cache: ActivationCache, use_cache: bool,
-                     scored: bool) -> float | None:
+                     scored: bool) -> Reverse | None:
     """After a fine-tune, on the model it returns (on the CPU): AdaBN of its head when `s.adapt` says so, and
     (`scored`) its reverse validation on its own pooled features."""
     if not scored and s.adapt != "adabn" or cache.data.unlabeled_count == 0:

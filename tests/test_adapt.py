@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autotransfer.adapt import confident_rows, reverse_accuracy, self_train
+from autotransfer.adapt import confident_rows, reverse_validation, self_train
 from autotransfer.data import UNLABELED, load_data
 from autotransfer.errors import DataError
 from autotransfer.features import ActivationCache
@@ -108,11 +108,18 @@ def test_reverse_validation_scores_right_target_predictions_high_and_noise_at_ch
     x_target, y_target = _blobs(400, torch.tensor([0.3, 0.3]), 3)
     fit = lambda head, x, y: fit_head(head, x, y, Strategy(tap=1, freeze=1, weight_decay=DEFAULT_PROBE_L2))
     right = torch.nn.functional.one_hot(y_target, 2).float()
-    assert reverse_accuracy(x_target, right, x_val, y_val, fit, 2) > 0.95
+    good = reverse_validation(x_target, right, x_val, y_val, fit, 2)
+    assert good.accuracy > 0.95 and good.margin.mean > 1.0
     noise = [torch.nn.functional.one_hot(y_target[torch.randperm(400, generator=torch.Generator().manual_seed(s))], 2)
              for s in range(10)]
-    scores = [reverse_accuracy(x_target, n.float(), x_val, y_val, fit, 2) for n in noise]
-    assert abs(np.mean(scores) - 0.5) < 0.15, scores  # one noise fit is any direction: chance on average
+    scores = [reverse_validation(x_target, n.float(), x_val, y_val, fit, 2) for n in noise]
+    assert abs(np.mean([r.accuracy for r in scores]) - 0.5) < 0.15, scores  # any direction: chance on average
+    assert abs(np.mean([r.margin.mean for r in scores])) < good.margin.mean / 3, scores  # so is its margin
+    # a few wrong predictions keep the accuracy at the top and lower the margin: it still orders saturated trials
+    flipped = right.clone()
+    flipped[:40] = flipped[:40].flip(1)
+    worse = reverse_validation(x_target, flipped, x_val, y_val, fit, 2)
+    assert worse.accuracy == pytest.approx(good.accuracy, abs=0.02) and worse.margin.mean < good.margin.mean
 
 
 def test_adabn_moves_a_heads_standardisation_to_the_target_and_recovers_a_shifted_target():
@@ -278,7 +285,8 @@ def test_search_with_unlabelled_images_records_reverse_validation_and_exports_ag
                  "--out", str(out)]) == 0
     board = pd.read_csv(out / "leaderboard.csv")
     complete = board[board.state == "complete"]
-    assert complete.reverse_accuracy.notna().all() and (complete.adapt == "pseudo_label").any(), \
+    assert complete.reverse_accuracy.notna().all() and complete.reverse_margin.notna().all() \
+        and (complete.adapt == "pseudo_label").any(), \
         "the prior's self-trained strategy is among the first trials"
     best = complete.iloc[0]
     assert best.val_score == pytest.approx((best.val_accuracy + best.reverse_accuracy) / 2)

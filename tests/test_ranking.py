@@ -3,12 +3,13 @@
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from autotransfer.calibration import Margin
 from autotransfer.ranking import ranked, ranks_above
 
 
-def _trial(number, value, margin=None, se=0.0, adapt="none", dann_weight=0.0):
+def _trial(number, value, margin=None, se=0.0, adapt="none", dann_weight=0.0, reverse=None):
     attrs = {} if margin is None else {"val_margin": margin, "val_margin_se": se}
+    if reverse is not None:  # (reverse margin, its standard error)
+        attrs |= {"reverse_accuracy": 1.0, "reverse_margin": reverse[0], "reverse_margin_se": reverse[1]}
     attrs["strategy"] = {"tap": 3, "freeze": 0, "adapt": adapt, "dann_weight": dann_weight}
     t = create_trial(state=TrialState.COMPLETE, value=value, user_attrs=attrs)
     t.number = number
@@ -44,10 +45,26 @@ def test_among_tied_trials_one_that_adapts_to_the_unlabelled_images_comes_first(
         "the score still comes first"
 
 
+def test_with_reverse_validation_equal_scores_are_ordered_by_the_mean_of_both_margins():
+    # validation margins alone would put 1 first (3.15 against 3.08); the reverse margins reverse that
+    plain, dann = _trial(1, 1.0, 3.15, 0.02, reverse=(2.0, 0.02)), _trial(3, 1.0, 3.08, 0.02, reverse=(2.4, 0.02))
+    assert [t.number for t in ranked([plain, dann])] == [3, 1]
+    # the mean's standard error is hypot(0.02, 0.02) / 2 = 0.014: 2.71 is tied with 2.72, 2.69 is not
+    assert [t.number for t in ranked([_trial(5, 1.0, 3.0, 0.02, reverse=(2.44, 0.02)), _trial(7, 1.0, 3.0, 0.02,
+                                                                                            reverse=(2.42, 0.02))])] \
+        == [5, 7]
+    tied, apart = _trial(9, 1.0, 3.0, 0.02, reverse=(2.42, 0.02), adapt="adabn"), \
+        _trial(9, 1.0, 3.0, 0.02, reverse=(2.38, 0.02), adapt="adabn")
+    leader = _trial(5, 1.0, 3.0, 0.02, reverse=(2.44, 0.02))
+    assert [t.number for t in ranked([leader, tied])] == [9, 5], "within the tie, the adapting trial first"
+    assert [t.number for t in ranked([leader, apart])] == [5, 9]
+    assert _ranks_above(tied, leader) and not _ranks_above(apart, leader)
+    old = _trial(2, 1.0, 3.5, 0.02)  # a trial of a study from before the reverse margin: its validation margin
+    assert [t.number for t in ranked([old, plain])] == [2, 1]
+
+
 def _ranks_above(new, best):
-    attrs = new.user_attrs
-    return ranks_above(new.number, new.value, Margin(attrs["val_margin"], attrs["val_margin_se"]), attrs["strategy"],
-                       best)
+    return ranks_above(new.number, new.value, new.user_attrs, best)
 
 
 def test_ranks_above_is_rankeds_order_of_a_new_trial_and_the_best():

@@ -78,9 +78,11 @@ def made_up():
 def test_leaderboard_columns_order_and_every_state(made_up):
     board = leaderboard(made_up)
     assert list(board.columns) == COLUMNS
-    assert COLUMNS[:7] == ["rank", "trial", "state", "val_score", "val_accuracy", "val_margin", "reverse_accuracy"] \
-        and COLUMNS[-4:] == ["steps_run", "pruned_at", "seconds", "note"] and COLUMNS[7:-4] == STRATEGY_COLUMNS
-    assert board.reverse_accuracy.isna().all(), "no unlabelled images: no reverse validation"
+    assert COLUMNS[:8] == ["rank", "trial", "state", "val_score", "val_accuracy", "val_margin", "reverse_accuracy",
+                           "reverse_margin"] \
+        and COLUMNS[-4:] == ["steps_run", "pruned_at", "seconds", "note"] and COLUMNS[8:-4] == STRATEGY_COLUMNS
+    assert board.reverse_accuracy.isna().all() and board.reverse_margin.isna().all(), \
+        "no unlabelled images: no reverse validation"
     assert board.val_score.equals(board.val_accuracy), "a study without a metric was scored by accuracy"
     assert list(board.trial) == [2, 0, 4, 1, 3, 5], "complete by accuracy (tie: earlier trial), then the rest"
     assert list(board.state) == ["complete"] * 3 + ["pruned", "fail", "running"]
