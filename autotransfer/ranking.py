@@ -29,19 +29,14 @@ from typing import Any
 import optuna
 
 
-def _margin(trial: optuna.trial.FrozenTrial) -> float:
-    """The validation margin, averaged with the reverse validation's when there is one."""
+def _margin(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """(margin, its standard error): the validation margin, averaged with the reverse validation's when there is
+    one (their errors taken as independent)."""
     attrs = trial.user_attrs
     if "reverse_margin" not in attrs:  # also trials of studies from before the reverse margin was recorded
-        return attrs.get("val_margin", -math.inf)
-    return 0.5 * (attrs["val_margin"] + attrs["reverse_margin"])
-
-
-def _margin_se(trial: optuna.trial.FrozenTrial) -> float:
-    attrs = trial.user_attrs
-    if "reverse_margin" not in attrs:
-        return attrs.get("val_margin_se", 0.0)
-    return 0.5 * math.hypot(attrs["val_margin_se"], attrs["reverse_margin_se"])  # errors taken as independent
+        return attrs.get("val_margin", -math.inf), attrs.get("val_margin_se", 0.0)
+    return (0.5 * (attrs["val_margin"] + attrs["reverse_margin"]),
+            0.5 * math.hypot(attrs["val_margin_se"], attrs["reverse_margin_se"]))
 
 
 def _adapts(trial: optuna.trial.FrozenTrial) -> bool:
@@ -57,10 +52,11 @@ def ranked(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.trial.Froz
     by_value = sorted(complete, key=lambda t: (-t.value, t.number))
     for _, group in groupby(by_value, key=lambda t: t.value):
         group = list(group)
-        leader = max(group, key=lambda t: (_margin(t), -t.number))
-        floor = _margin(leader) - _margin_se(leader)
-        tied = sorted((t for t in group if _margin(t) >= floor), key=lambda t: (not _adapts(t), t.number))
-        rest = sorted((t for t in group if _margin(t) < floor), key=lambda t: (-_margin(t), t.number))
+        leader = max(group, key=lambda t: (_margin(t)[0], -t.number))
+        mean, se = _margin(leader)
+        floor = mean - se
+        tied = sorted((t for t in group if _margin(t)[0] >= floor), key=lambda t: (not _adapts(t), t.number))
+        rest = sorted((t for t in group if _margin(t)[0] < floor), key=lambda t: (-_margin(t)[0], t.number))
         order += tied + rest
     return order
 

@@ -136,11 +136,12 @@ def run_search(data: Path, out: Path, args: argparse.Namespace, unlabeled: Path 
         cmd += ["--unlabeled", str(unlabeled)]
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", TQDM_DISABLE="1")
     allowed = sorted(os.sched_getaffinity(0))[cpu_offset:cpu_offset + args.cpus] if args.cpus else None
+    pin = (lambda: os.sched_setaffinity(0, allowed)) if allowed else None
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.log", "w") as log:
         rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             preexec_fn=(lambda: os.sched_setaffinity(0, allowed)) if allowed else None)
+                             preexec_fn=pin)
     seconds = time.perf_counter() - start
     if rc != 0:
         return {"status": f"exit {rc}", "seconds": seconds}
@@ -152,8 +153,7 @@ def run_search(data: Path, out: Path, args: argparse.Namespace, unlabeled: Path 
         with open(out.parent / f"{out.name}_searched.log", "w") as log:
             rc = subprocess.call([sys.executable, "-m", "autotransfer", "export", "--out", str(out), "--dest",
                                   str(out / "searched"), "--refit", "0"], cwd=REPO, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 preexec_fn=(lambda: os.sched_setaffinity(0, allowed)) if allowed else None)
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=pin)
         result["searched_test_accuracy"] = json.loads((out / "searched" / "metrics.json").read_text())[
             "test_accuracy"] if rc == 0 else None
     return result
