@@ -49,6 +49,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import suite_data  # noqa: E402
 
+from autotransfer.defaults import DEFAULT_REFITS  # noqa: E402
+
 DEFAULT_WORK = REPO / "benchmarks" / ".data" / "adapt"
 
 
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default=",".join(PAIRS), help=f"comma-separated, of {', '.join(PAIRS)}")
     parser.add_argument("--budget", type=int, default=50)
-    parser.add_argument("--refit", type=int, default=1, help="refits of the export (default 1: one model each)")
+    parser.add_argument("--refit", type=int, default=DEFAULT_REFITS,
+                        help=f"refits of the export (default {DEFAULT_REFITS}, the product's: what a user ships)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpus", type=int, default=None, help="CPUs each search may use (default: all)")
     parser.add_argument("--parallel", action="store_true",
