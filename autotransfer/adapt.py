@@ -71,6 +71,17 @@ def self_train(fit: Fit, predict: Predict, x: torch.Tensor, y: torch.Tensor, x_u
     return idx, labels
 
 
+def information_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Information maximisation on unlabelled rows (Krause et al., 2010; SHOT, Liang et al., 2020): the mean
+    entropy of each row's prediction minus the entropy of the batch's mean prediction. Minimising it makes each
+    prediction confident while the batch still spreads over the classes, so confidence cannot come from calling
+    every image one class. Zero for uniform predictions; -log(classes) at best."""
+    log_p = logits.log_softmax(dim=1)
+    p = log_p.exp()
+    mean = p.mean(dim=0)
+    return -(p * log_p).sum(dim=1).mean() + (mean * mean.clamp_min(1e-12).log()).sum()
+
+
 def adabn(norm: nn.BatchNorm1d, x_unlabeled: torch.Tensor) -> None:
     """AdaBN of a head: its input BatchNorm standardises with the unlabelled images' features (in place)."""
     set_statistics(norm, x_unlabeled)

@@ -42,7 +42,8 @@ def _margin(trial: optuna.trial.FrozenTrial) -> tuple[float, float]:
 def _adapts(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether the trial's strategy learns from the unlabelled images (see `adapt.py`, `dann.py`)."""
     strategy = trial.user_attrs.get("strategy", {})
-    return strategy.get("adapt", "none") != "none" or strategy.get("dann_weight", 0.0) > 0
+    return (strategy.get("adapt", "none") != "none" or strategy.get("dann_weight", 0.0) > 0
+            or strategy.get("im_weight", 0.0) > 0)
 
 
 def ranked(trials: Iterable[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:

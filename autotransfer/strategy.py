@@ -61,6 +61,7 @@ class Strategy:
     dann_weight: float = 0.0  # fine-tuning only: domain-adversarial loss weight behind gradient reversal (0 = off)
     dann_hidden: int = 0  # hidden width of the domain classifier (DANN only)
     dann_schedule: str = "ramp"  # how the reversal weight moves over the steps, one of DANN_SCHEDULES
+    im_weight: float = 0.0  # fine-tuning only: information maximisation on unlabelled batches (0 = off; adapt.py)
     steps: int = 0  # optimizer steps of a fine-tune (its cosine schedule); 0 for a head fitted to convergence
     seed: int = 0
 
@@ -92,6 +93,9 @@ class Strategy:
              f"dann_hidden={self.dann_hidden}."),
             (self.dann_schedule in DANN_SCHEDULES, f"dann_schedule must be one of {DANN_SCHEDULES}, "
                                                    f"but got {self.dann_schedule!r}."),
+            (self.im_weight >= 0, f"im_weight must be >= 0, but got im_weight={self.im_weight}."),
+            (self.im_weight == 0 or self.trains_backbone,
+             f"information maximisation needs a fine-tune (freeze < tap), got freeze={self.freeze}, tap={self.tap}."),
             (self.steps >= 0, f"steps must be >= 0, but got steps={self.steps}."),
             (self.steps >= 1 or self.freeze == self.tap, f"a fine-tune needs steps >= 1, but got steps={self.steps}."),
         ]
@@ -138,6 +142,8 @@ class Strategy:
         if self.dann_weight > 0:
             adapted += (f", domain-adversarial (DANN weight {self.dann_weight:.2g} {self.dann_schedule}, "
                         f"classifier width {self.dann_hidden})")
+        if self.im_weight > 0:
+            adapted += f", information maximisation on the unlabelled images (weight {self.im_weight:.2g})"
         return adapted
 
 
@@ -200,7 +206,7 @@ def suggest_strategy(trial: optuna.Trial, space: SearchSpace) -> Strategy:
         dropout=trial.suggest_float("dropout", 0.0, 0.5),
         augment=augment,
         flip=trial.suggest_categorical("flip", (False, True)) if augment != "none" else False,
-        steps=space.max_steps, **_suggest_dann(trial, space),
+        steps=space.max_steps, **_suggest_dann(trial, space), **_suggest_im(trial, space),
     )
     return Strategy(**params)
 
@@ -221,6 +227,13 @@ def _suggest_dann(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
     return dict(dann_weight=trial.suggest_float("dann_weight", 0.01, 1.0, log=True),
                 dann_hidden=trial.suggest_categorical("dann_hidden", (64, 256, 1024)),
                 dann_schedule=trial.suggest_categorical("dann_schedule", DANN_SCHEDULES))
+
+
+def _suggest_im(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
+    """A fine-tune's information-maximisation loss, only where unlabelled images were given."""
+    if not space.unlabeled or not trial.suggest_categorical("im", (False, True)):
+        return {}
+    return dict(im_weight=trial.suggest_float("im_weight", 0.01, 1.0, log=True))
 
 
 def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict[str, Any]:
@@ -255,4 +268,8 @@ def enqueue_params(strategy: Strategy, space: SearchSpace | None = None) -> dict
         p["dann"] = s.dann_weight > 0
         if s.dann_weight > 0:
             p.update(dann_weight=s.dann_weight, dann_hidden=s.dann_hidden, dann_schedule=s.dann_schedule)
+    if (space.unlabeled if space is not None else s.im_weight > 0):
+        p["im"] = s.im_weight > 0
+        if s.im_weight > 0:
+            p["im_weight"] = s.im_weight
     return p

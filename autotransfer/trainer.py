@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from autotransfer.adapt import Reverse, adabn
+from autotransfer.adapt import Reverse, adabn, information_loss
 from autotransfer.augment import augment_batch, build_augment
 from autotransfer.backbones import Backbone
 from autotransfer.calibration import Margin
@@ -218,7 +218,8 @@ def _batches(n: int, steps: int, generator: torch.Generator, *, on_epoch: Callab
 @dataclass
 class _BatchLoss:
     """The loss of one fine-tuning batch: the head's loss (or `soft_loss` on it), the L2-SP penalty, and with
-    DANN the domain classifier's loss on as many unlabelled rows as the batch has labelled ones."""
+    DANN the domain classifier's loss and with information maximisation the head's on as many unlabelled rows as
+    the batch has labelled ones."""
 
     model: TransferModel
     s: Strategy
@@ -231,11 +232,11 @@ class _BatchLoss:
     soft_loss: SoftLoss | None = None
     reference: dict[str, torch.Tensor] = field(default_factory=dict)  # pretrained weights, for L2-SP
     adversary: DomainClassifier | None = None
-    x_target: torch.Tensor | None = None  # unlabelled rows at `start` (DANN)
+    x_target: torch.Tensor | None = None  # unlabelled rows at `start` (DANN, information maximisation)
 
     def __call__(self, batch: torch.Tensor, labels: torch.Tensor, progress_done: float) -> torch.Tensor:
         n = len(batch)
-        if self.adversary is not None:
+        if self.x_target is not None:
             drawn = torch.randint(len(self.x_target), (n,), generator=self.generator)
             batch = torch.cat([batch, self.x_target[drawn]])
         if self.augment is not None:
@@ -252,6 +253,8 @@ class _BatchLoss:
                 s = self.s
                 loss = loss + self.adversary.loss(features, n, reversal_weight(s.dann_weight, s.dann_schedule,
                                                                                progress_done))
+            if self.s.im_weight > 0 and self.x_target is not None:
+                loss = loss + self.s.im_weight * information_loss(self.model.head(features[n:]).float())
         if self.s.l2sp_alpha > 0:
             loss = loss + l2sp_penalty(self.model, self.reference, self.s.l2sp_alpha)
         return loss
@@ -263,9 +266,10 @@ def _batch_loss(model: TransferModel, s: Strategy, cache: ActivationCache, start
     reference = {n: p.detach().clone() for n, p in model.groups.named_parameters() if p.requires_grad}
     loss = _BatchLoss(model, s, cache, start, criterion, device, build_augment(s.augment, cache.data.image_size,
                       flip=s.flip), torch.Generator().manual_seed(s.seed), soft_loss, reference)
-    if s.dann_weight > 0 and cache.data.unlabeled_count > 0:
-        loss.adversary = DomainClassifier(model.head[0].num_features, s.dann_hidden).to(device)
+    if (s.dann_weight > 0 or s.im_weight > 0) and cache.data.unlabeled_count > 0:
         loss.x_target = cache.split(start, UNLABELED)[0]
+    if s.dann_weight > 0 and loss.x_target is not None:
+        loss.adversary = DomainClassifier(model.head[0].num_features, s.dann_hidden).to(device)
     return loss
 
 

@@ -1,6 +1,7 @@
 """Unlabelled images (`--unlabeled`): loading, the searched `adapt` choice, self-training and reverse validation."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 from autotransfer.adapt import confident_rows, reverse_validation, self_train
 from autotransfer.data import UNLABELED, load_data
-from autotransfer.errors import DataError
+from autotransfer.errors import ConfigError, DataError
 from autotransfer.features import ActivationCache
 from autotransfer.probe import fit_head
 from autotransfer.strategy import DEFAULT_PROBE_L2, Strategy
@@ -228,6 +229,38 @@ def test_dann_trains_against_a_domain_classifier_that_the_exported_model_does_no
     assert domain_loss[1e-4] < 0.1 and domain_loss[1.0] > 0.5, domain_loss
     assert adversarial.model.state_dict().keys() == plain.model.state_dict().keys(), "training-only"
     assert 0 < adversarial.reverse_accuracy <= 1
+
+
+def test_information_loss_rewards_confident_predictions_spread_over_the_classes():
+    from autotransfer.adapt import information_loss
+
+    k = 4
+    uniform = torch.zeros(8, k)
+    confident_spread = 20.0 * torch.eye(k).repeat(2, 1)  # each row sure, two rows per class
+    confident_one_class = 20.0 * torch.eye(k)[[0] * 8]  # each row sure, every row the same class
+    assert float(information_loss(uniform)) == pytest.approx(0.0, abs=1e-6)
+    assert float(information_loss(confident_spread)) == pytest.approx(-math.log(k), abs=1e-4)
+    assert float(information_loss(confident_one_class)) == pytest.approx(0.0, abs=1e-4), "collapse earns nothing"
+    logits = torch.randn(8, k, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    information_loss(logits).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_information_maximisation_makes_a_fine_tune_confident_on_the_unlabelled_images(tiny_module, shifted_cache):
+    strategy = Strategy(tap=3, freeze=0, steps=200, lr=0.01)
+    x_unlabeled = shifted_cache.split(0, UNLABELED)[0]
+
+    def unlabelled_entropy(weight: float) -> float:
+        model = train_trial(dataclasses.replace(strategy, im_weight=weight), tiny_module, shifted_cache).model
+        with torch.no_grad():
+            log_p = model.forward_from(shifted_cache.as_input(x_unlabeled), 0).log_softmax(dim=1)
+        return float(-(log_p.exp() * log_p).sum(dim=1).mean())
+
+    # a negligible weight draws the same unlabelled batches, so only the loss's weight differs
+    barely, maximised = unlabelled_entropy(1e-4), unlabelled_entropy(1.0)
+    assert maximised < 0.5 * barely, (barely, maximised)
+    with pytest.raises(ConfigError, match="information maximisation needs a fine-tune"):
+        Strategy(tap=3, freeze=3, im_weight=0.1)
 
 
 def test_without_unlabelled_images_the_objective_is_the_validation_score(tiny, tiny_cache):

@@ -122,16 +122,20 @@ def test_enqueue_params_reproduce_class_weights_on_an_imbalanced_space(strategy)
 
 def test_adapt_is_searched_only_with_unlabelled_images():
     plain = _sample(200, space=SearchSpace(num_groups=9, max_steps=120))
-    adapt_names = ("adapt", "pseudo_fraction", "pseudo_rounds", "dann", "dann_weight", "dann_hidden", "dann_schedule")
+    adapt_names = ("adapt", "pseudo_fraction", "pseudo_rounds", "dann", "dann_weight", "dann_hidden", "dann_schedule",
+                   "im", "im_weight")
     assert all(not any(k in p for k in adapt_names) for _, p in plain)
-    assert all(s.adapt == "none" and s.dann_weight == 0 for s, _ in plain)
+    assert all(s.adapt == "none" and s.dann_weight == 0 and s.im_weight == 0 for s, _ in plain)
     space = SearchSpace(num_groups=9, max_steps=120, unlabeled=True)
     drawn = _sample(300, space=space)
     for frozen in (True, False):
         assert {s.adapt for s, _ in drawn if s.trains_backbone != frozen} == {"none", "adabn", "pseudo_label"}
     assert {s.dann_weight > 0 for s, _ in drawn if s.trains_backbone} == {False, True}
     assert all(s.dann_weight == 0 and "dann" not in p for s, p in drawn if not s.trains_backbone), "fine-tunes only"
+    assert {s.im_weight > 0 for s, _ in drawn if s.trains_backbone} == {False, True}
+    assert all(s.im_weight == 0 and "im" not in p for s, p in drawn if not s.trains_backbone), "fine-tunes only"
     for s, p in drawn:
         assert ("pseudo_fraction" in p) == (s.adapt == "pseudo_label")
         assert ("dann_weight" in p) == (s.dann_weight > 0)
+        assert ("im_weight" in p) == (s.im_weight > 0)
         assert suggest_strategy(optuna.trial.FixedTrial(enqueue_params(s, space)), space) == s
