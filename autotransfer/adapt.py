@@ -1,6 +1,6 @@
 """Learning from unlabelled images (`--unlabeled`): AdaBN, self-training on confident pseudo-labels, information
-maximisation, and reverse validation, the score that lets the search see what unlabelled images buy. (DANN, which trains against a domain
-classifier, is in `dann.py`.)
+maximisation, and reverse validation, the score that lets the search see what unlabelled images buy. (DANN,
+which trains against a domain classifier, is in `dann.py`.)
 
 AdaBN (Li et al., 2016): BatchNorm statistics describe a domain. After training, the head's input BatchNorm takes
 its statistics from the unlabelled images' features, and the exported model, which serves the unlabelled images'

@@ -13,8 +13,9 @@ whether that stops the trial (by raising).
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -136,6 +137,22 @@ def _criterion(s: Strategy, y: torch.Tensor, num_classes: int, device: torch.dev
     return head_loss(s.head, label_smoothing=s.label_smoothing, weight=None if weight is None else weight.to(device))
 
 
+@contextlib.contextmanager
+def running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Inside, `module`'s BatchNorm layers still normalise by the batch but leave their running statistics as
+    they are (momentum 0): a pass over unlabelled rows must not move the head's statistics, by which the labelled
+    validation split is scored."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+
+
 def _set_train_mode(model: TransferModel, strategy: Strategy, *, new_epoch: bool = True) -> None:
     """Head in train mode; trainable groups per `strategy.bn`; frozen groups in eval mode.
 
@@ -254,7 +271,9 @@ class _BatchLoss:
                 loss = loss + self.adversary.loss(features, n, reversal_weight(s.dann_weight, s.dann_schedule,
                                                                                progress_done))
             if self.s.im_weight > 0 and self.x_target is not None:
-                loss = loss + self.s.im_weight * information_loss(self.model.head(features[n:]).float())
+                with running_statistics_kept(self.model.head):  # they describe the labelled images
+                    target_logits = self.model.head(features[n:]).float()
+                loss = loss + self.s.im_weight * information_loss(target_logits)
         if self.s.l2sp_alpha > 0:
             loss = loss + l2sp_penalty(self.model, self.reference, self.s.l2sp_alpha)
         return loss

@@ -246,6 +246,20 @@ def test_information_loss_rewards_confident_predictions_spread_over_the_classes(
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
+def test_a_pass_over_unlabelled_rows_normalises_by_the_batch_and_keeps_the_running_statistics():
+    from autotransfer.trainer import running_statistics_kept
+
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2)).train()
+    before = head[0].running_mean.clone()
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)) + 5.0
+    with running_statistics_kept(head):
+        out = head[0](x)
+    assert torch.equal(head[0].running_mean, before) and head[0].momentum == 0.1, "kept, and momentum restored"
+    assert float(out.mean().abs()) < 1e-5, "normalised by the batch's own statistics"
+    head[0](x)
+    assert not torch.equal(head[0].running_mean, before)
+
+
 def test_information_maximisation_makes_a_fine_tune_confident_on_the_unlabelled_images(tiny_module, shifted_cache):
     strategy = Strategy(tap=3, freeze=0, steps=200, lr=0.01)
     x_unlabeled = shifted_cache.split(0, UNLABELED)[0]
