@@ -25,9 +25,14 @@ from autotransfer.runtime import Rows, batch_slices, cpu_session, read_metadata,
 logger = logging.getLogger(__name__)
 # Export fails when any |onnxruntime - PyTorch| logit difference (fp32, CPU) exceeds ATOL + RTOL * max |logit|.
 # Measured on Lite0/digits: 4.7e-5 for a trained linear head (logits up to ~20); float summation order makes
-# the difference grow with the logits' scale (2.6e-4 .. 4.7e-4 for untrained heads with logits up to ~120).
+# the difference grow with the logits' scale (2.6e-4 .. 4.7e-4 for untrained heads with logits up to ~120) and
+# with the depth run in fp32: a fine-tune of every group (AdaBN, DANN; digits pair of `benchmarks/adapt.py`,
+# 2026-12-07) differed by 4.1e-4 at logits up to 19, 2e-5 of their scale, which RTOL 1e-5 rejected and failed
+# the whole export. PyTorch's own fp32 forward differs from float64 by 1e-5 of the scale on that model, so two
+# fp32 implementations disagreeing by a few times that is summation order, not a wrong graph. A wrong graph
+# (a stale BatchNorm statistic, a missing layer) moves logits by 1e-2 and more.
 PARITY_ATOL = 1e-4
-PARITY_RTOL = 1e-5
+PARITY_RTOL = 1e-4
 
 
 def export_onnx(model: torch.nn.Module, path: Path, *, image_size: int, metadata: dict[str, Any]) -> Path:

@@ -40,7 +40,7 @@ def test_verify_reports_parity_and_accuracy(tiny, digits16, tmp_path):
     assert out["test_accuracy"] == pytest.approx(expected)
     with torch.no_grad():
         scale = model(normalise(x, tiny.mean, tiny.std)).abs().max().item()
-    assert out["onnx_parity_tolerance"] == pytest.approx(1e-4 + 1e-5 * scale, rel=1e-3)
+    assert out["onnx_parity_tolerance"] == pytest.approx(1e-4 + 1e-4 * scale, rel=1e-3)
 
 
 class _Counted(NormalisedImages):
