@@ -25,7 +25,7 @@ import torch
 from scipy.stats import spearmanr
 
 import autotransfer.study as study_mod
-from autotransfer.adapt import standardised
+from autotransfer.adapt import information_loss, standardised
 from autotransfer.data import UNLABELED
 from autotransfer.evaluation import logits_of
 from autotransfer.heads import build_head
@@ -64,7 +64,7 @@ def extras(r, s, cache):
     out = {"target_acc": float((lt.argmax(1) == yte).float().mean())}
     pu = lu.softmax(1)
     out["ent"] = float(entropy(pu).mean())
-    out["im"] = float(entropy(pu.mean(0, keepdim=True))[0] - entropy(pu).mean())
+    out["im"] = -float(information_loss(lu))  # the product's loss, negated: higher is better
     # soft neighbourhood density (Saito et al. 2021) on the softmax outputs
     q = torch.nn.functional.normalize(pu, dim=1)
     sim = q @ q.T
